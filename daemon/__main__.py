@@ -1,0 +1,6 @@
+"""`python -m daemon` is the `seatwatch` command."""
+
+from daemon.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

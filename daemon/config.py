@@ -1,0 +1,461 @@
+"""Settings: parsed once from the environment into a frozen object.
+
+Every problem is collected and reported together (``ConfigError.problems``); the CLI turns that into exit
+status 78. No secret value is ever part of a message or a ``repr``: secrets are wrapped in ``Secret``, and
+URLs that may carry a password are shown through ``redact_url``.
+
+A secret may come from the variable itself, from ``NAME_FILE=/path``, or from a file named ``name`` (lower
+case) in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import socket
+import zoneinfo
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from croniter import croniter
+
+from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+EX_CONFIG: Final = 78
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or an f-string."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``redis://default:hunter2@host`` -> ``redis://default:***@host``; anything else unchanged."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+# The sets of variables each command needs; anything else may be absent for that command.
+NEEDS_ALL: Final = "all"
+NEEDS_DATABASE: Final = "database"
+NEEDS_REDIS: Final = "redis"
+NEEDS_STORES: Final = "stores"  # Redis and Postgres, not the HTTP services
+
+_STORE_VARS = {
+    NEEDS_DATABASE: {"DATABASE_URL"},
+    NEEDS_REDIS: {"REDIS_URL"},
+    NEEDS_STORES: {"DATABASE_URL", "REDIS_URL"},
+}
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    """Everything the daemon reads from its environment, validated."""
+
+    database_url: Secret
+    redis_url: Secret
+    scraper_url: str
+    scraper_token: Secret
+    resend_api_key: Secret
+    resend_api_url: str
+    from_email: str
+    site_url: str
+    unsubscribe_key: Secret
+    email_transport: str
+    outbox_dir: Path | None
+    cron: str
+    timezone: str
+    stagger: str
+    concurrency: int
+    health_host: str
+    health_port: int
+    redis_prefix: str
+    consumer: str
+    scraper_timeout_s: float
+    visibility_timeout_s: float
+    max_attempts: int
+    breaker_failures: int
+    breaker_recovery_s: float
+    breaker_successes: int
+    breaker_half_open_max: int
+    lock_ttl_s: float
+    misfire_grace_s: float
+    shutdown_grace_s: float
+    redis_budget_per_day: int
+    log_format: str
+    log_level: str
+    # Which variables were validated as required (see ``from_env(needs=...)``).
+    needs: str = field(default=NEEDS_ALL)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("database_url", "redis_url"):
+                value = redact_url(value.reveal())
+            parts.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    def summary(self) -> dict[str, object]:
+        """A secret-free view for logs, `check` and the health endpoint's `configuration` check."""
+        return {
+            "database_url": redact_url(self.database_url.reveal()),
+            "redis_url": redact_url(self.redis_url.reveal()),
+            "scraper_url": redact_url(self.scraper_url),
+            "email_transport": self.email_transport,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "stagger": self.stagger,
+            "concurrency": self.concurrency,
+            "redis_prefix": self.redis_prefix,
+            "consumer": self.consumer,
+        }
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        needs: str = NEEDS_ALL,
+        timeout_stop_s: float | None = None,
+        hostname: Callable[[], str] = socket.gethostname,
+    ) -> Settings:
+        """Parse and validate; raise ``ConfigError`` listing every problem.
+
+        ``needs`` narrows which variables are required (``migrate`` needs only the database, say).
+        ``timeout_stop_s`` is systemd's ``TimeoutStopUSec`` for this unit when known.
+        """
+        return _Parser(os.environ if env is None else env, needs, hostname).parse(timeout_stop_s)
+
+
+class _Parser:
+    """Collects problems while reading variables, so all of them are reported together."""
+
+    def __init__(self, env: Mapping[str, str], needs: str, hostname: Callable[[], str]) -> None:
+        self.env = env
+        self.needs = needs
+        self.hostname = hostname
+        self.problems: list[str] = []
+
+    # -- readers ---------------------------------------------------------------------------------
+
+    def _required(self, name: str) -> bool:
+        return self.needs == NEEDS_ALL or name in _STORE_VARS.get(self.needs, set())
+
+    def raw(self, name: str, *aliases: str) -> str | None:
+        for key in (name, *aliases):
+            value = self.env.get(key)
+            if value is not None and value.strip() != "":
+                return value.strip()
+        return None
+
+    def secret(self, name: str, *aliases: str) -> str | None:
+        """The value from NAME, NAME_FILE or $CREDENTIALS_DIRECTORY/name, first of each alias."""
+        for key in (name, *aliases):
+            direct = self.env.get(key)
+            file_var = self.env.get(f"{key}_FILE")
+            if direct and file_var:
+                self.problems.append(f"{key} and {key}_FILE are both set; set only one")
+                return None
+            if direct:
+                return direct.strip()
+            if file_var:
+                return self._read_secret_file(f"{key}_FILE", Path(file_var))
+            cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+            if cred_dir:
+                path = Path(cred_dir) / key.lower()
+                if path.is_file():
+                    return self._read_secret_file(f"credential {key.lower()}", path)
+        return None
+
+    def _read_secret_file(self, label: str, path: Path) -> str | None:
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.problems.append(f"{label}: cannot read {path}: {exc.strerror or exc.__class__.__name__}")
+            return None
+        if not value:
+            self.problems.append(f"{label}: {path} is empty")
+            return None
+        return value
+
+    def need(self, name: str, value: str | None, *, when: bool = True, why: str = "") -> str:
+        if value is None and when and self._required(name):
+            self.problems.append(f"{name} is required{why}")
+        return value or ""
+
+    def url(self, name: str, value: str, schemes: tuple[str, ...]) -> str:
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            self.problems.append(f"{name} is not a valid URL: {redact_url(value)!r}")
+            return value
+        if parts.scheme not in schemes:
+            allowed = ", ".join(f"{s}://" for s in schemes)
+            self.problems.append(f"{name} must start with {allowed} (got {redact_url(value)!r})")
+        elif parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
+            self.problems.append(f"{name} has no host: {redact_url(value)!r}")
+        elif parts.scheme == "unix" and not parts.path:
+            self.problems.append(f"{name} has no socket path: {redact_url(value)!r}")
+        else:
+            try:
+                _ = parts.port
+            except ValueError:
+                self.problems.append(f"{name} has an invalid port: {redact_url(value)!r}")
+        return value
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = (self.raw(name) or default).lower()
+        if value not in options:
+            self.problems.append(f"{name} must be one of {', '.join(options)} (got {value!r})")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, *, low: int = 1, high: int = 10**9) -> int:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            self.problems.append(f"{name} must be a whole number (got {text!r})")
+            return default
+        if not low <= value <= high:
+            self.problems.append(f"{name} must be between {low} and {high} (got {value})")
+            return default
+        return value
+
+    def seconds(self, name: str, default: float, *, low: float = 0.001, high: float = 86400 * 7) -> float:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            self.problems.append(f"{name} must be a number of seconds (got {text!r})")
+            return default
+        if not math.isfinite(value) or not low <= value <= high:
+            self.problems.append(f"{name} must be between {low:g} and {high:g} seconds (got {text})")
+            return default
+        return value
+
+    # -- the whole thing ---------------------------------------------------------------------------
+
+    def parse(self, timeout_stop_s: float | None) -> Settings:
+        transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", ("resend", "file"))
+        resend = transport == "resend"
+        why_resend = " when SEATWATCH_EMAIL_TRANSPORT is resend"
+
+        database_url = self.url(
+            "DATABASE_URL",
+            self.need("DATABASE_URL", self.secret("DATABASE_URL")),
+            ("postgres", "postgresql"),
+        )
+        redis_url = self.url("REDIS_URL", self.need("REDIS_URL", self.secret("REDIS_URL")), ("redis", "rediss", "unix"))
+        scraper_url = self.url("SCRAPER_URL", self.need("SCRAPER_URL", self.raw("SCRAPER_URL")), ("http", "https"))
+        scraper_token = self.need("SCRAPER_SECRET_TOKEN", self.secret("SCRAPER_SECRET_TOKEN"))
+        resend_api_key = self.need("RESEND_API_KEY", self.secret("RESEND_API_KEY"), when=resend, why=why_resend)
+        resend_api_url = self.url(
+            "RESEND_API_URL", self.raw("RESEND_API_URL") or "https://api.resend.com", ("http", "https")
+        )
+        from_email = self.need(
+            "NOTIFICATION_FROM_EMAIL", self.raw("NOTIFICATION_FROM_EMAIL"), when=resend, why=why_resend
+        )
+        if from_email and "@" not in from_email:
+            self.problems.append(f"NOTIFICATION_FROM_EMAIL is not an email address: {from_email!r}")
+        unsubscribe_key = self.need(
+            "SUPABASE_SERVICE_ROLE_KEY",
+            self.secret("SUPABASE_SERVICE_ROLE_KEY", "UNSUBSCRIBE_SIGNING_SECRET"),
+            when=resend,
+            why=f"{why_resend} (it signs unsubscribe links; alias UNSUBSCRIBE_SIGNING_SECRET)",
+        )
+
+        site_primary, site_alias = self.raw("NEXT_PUBLIC_SITE_URL"), self.raw("SITE_URL")
+        if site_primary and site_alias and site_primary.rstrip("/") != site_alias.rstrip("/"):
+            self.problems.append("NEXT_PUBLIC_SITE_URL and SITE_URL are both set and differ; set one")
+        site_url = self.url(
+            "NEXT_PUBLIC_SITE_URL",
+            (site_primary or site_alias or "https://pickmyclass.app").rstrip("/"),
+            ("http", "https"),
+        )
+
+        outbox_dir_text = self.raw("SEATWATCH_OUTBOX_DIR")
+        outbox_dir = Path(outbox_dir_text) if outbox_dir_text else None
+        if transport == "file" and outbox_dir is None and self.needs == NEEDS_ALL:
+            self.problems.append("SEATWATCH_OUTBOX_DIR is required when SEATWATCH_EMAIL_TRANSPORT is file")
+
+        cron = self.raw("SEATWATCH_CRON") or "0,30 * * * *"
+        timezone = self.raw("SEATWATCH_TIMEZONE") or "America/Phoenix"
+        tz = self._zone(timezone)
+        cron_ok = croniter.is_valid(cron)
+        if not cron_ok:
+            self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
+
+        stagger = self.choice("SEATWATCH_STAGGER", "parity", ("parity", "none"))
+        concurrency = self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
+        health_host, health_port = self._listen(self.raw("SEATWATCH_HEALTH_LISTEN") or "127.0.0.1:8080")
+        prefix = self.raw("SEATWATCH_REDIS_PREFIX") or "seatwatch"
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
+            self.problems.append(
+                "SEATWATCH_REDIS_PREFIX may hold only letters, digits and _ . : - (1 to 64 characters)"
+            )
+        consumer = self.raw("SEATWATCH_CONSUMER") or self.hostname() or "seatwatch"
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", consumer):
+            self.problems.append("SEATWATCH_CONSUMER may hold only letters, digits and _ . : - (1 to 128 characters)")
+
+        scraper_timeout_s = self.seconds("SEATWATCH_SCRAPER_TIMEOUT_S", 90)
+        visibility_timeout_s = self.seconds("SEATWATCH_VISIBILITY_TIMEOUT_S", 300)
+        max_attempts = self.integer("SEATWATCH_MAX_ATTEMPTS", 3, high=100)
+        breaker_failures = self.integer("SEATWATCH_BREAKER_FAILURES", 10, high=10_000)
+        breaker_recovery_s = self.seconds("SEATWATCH_BREAKER_RECOVERY_S", 120)
+        breaker_successes = self.integer("SEATWATCH_BREAKER_SUCCESSES", 3, high=10_000)
+        breaker_half_open_max = self.integer("SEATWATCH_BREAKER_HALF_OPEN_MAX", 3, high=10_000)
+        lock_ttl_s = self.seconds("SEATWATCH_LOCK_TTL_S", 1500)
+        misfire_grace_s = self.seconds("SEATWATCH_MISFIRE_GRACE_S", 600, low=0)
+        shutdown_grace_s = self.seconds("SEATWATCH_SHUTDOWN_GRACE_S", 60, low=0)
+        budget = self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9)
+        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", ("text", "json"))
+        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
+
+        # Cross-checks: relationships between values that are each fine alone.
+        if visibility_timeout_s <= scraper_timeout_s:
+            self.problems.append(
+                f"SEATWATCH_VISIBILITY_TIMEOUT_S ({visibility_timeout_s:g}) must be greater than "
+                f"SEATWATCH_SCRAPER_TIMEOUT_S ({scraper_timeout_s:g}), or running jobs get taken over"
+            )
+        if cron_ok and tz is not None:
+            period_s = shortest_cron_gap_s(cron, tz)
+            if lock_ttl_s >= period_s:
+                self.problems.append(
+                    f"SEATWATCH_LOCK_TTL_S ({lock_ttl_s:g}) must be less than the cron period "
+                    f"({period_s:g}s, the shortest gap between ticks of {cron!r})"
+                )
+        if timeout_stop_s is not None and shutdown_grace_s >= timeout_stop_s:
+            self.problems.append(
+                f"SEATWATCH_SHUTDOWN_GRACE_S ({shutdown_grace_s:g}) must be less than systemd's "
+                f"TimeoutStopSec ({timeout_stop_s:g}), or systemd kills the drain"
+            )
+
+        if self.problems:
+            raise ConfigError(self.problems)
+
+        return Settings(
+            database_url=Secret(database_url),
+            redis_url=Secret(redis_url),
+            scraper_url=scraper_url,
+            scraper_token=Secret(scraper_token),
+            resend_api_key=Secret(resend_api_key),
+            resend_api_url=resend_api_url.rstrip("/"),
+            from_email=from_email,
+            site_url=site_url,
+            unsubscribe_key=Secret(unsubscribe_key),
+            email_transport=transport,
+            outbox_dir=outbox_dir,
+            cron=cron,
+            timezone=timezone,
+            stagger=stagger,
+            concurrency=concurrency,
+            health_host=health_host,
+            health_port=health_port,
+            redis_prefix=prefix,
+            consumer=consumer,
+            scraper_timeout_s=scraper_timeout_s,
+            visibility_timeout_s=visibility_timeout_s,
+            max_attempts=max_attempts,
+            breaker_failures=breaker_failures,
+            breaker_recovery_s=breaker_recovery_s,
+            breaker_successes=breaker_successes,
+            breaker_half_open_max=breaker_half_open_max,
+            lock_ttl_s=lock_ttl_s,
+            misfire_grace_s=misfire_grace_s,
+            shutdown_grace_s=shutdown_grace_s,
+            redis_budget_per_day=budget,
+            log_format=log_format,
+            log_level=log_level,
+            needs=self.needs,
+        )
+
+    def _zone(self, name: str) -> zoneinfo.ZoneInfo | None:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            self.problems.append(f"SEATWATCH_TIMEZONE is not a known time zone: {name!r}")
+            return None
+
+    def _listen(self, text: str) -> tuple[str, int]:
+        match = re.fullmatch(r"\[(?P<v6>[0-9a-fA-F:.]+)\]:(?P<p6>\d+)|(?P<host>[^:\[\]]+):(?P<port>\d+)", text)
+        if match is None:
+            self.problems.append(f"SEATWATCH_HEALTH_LISTEN must be host:port or [v6]:port (got {text!r})")
+            return "127.0.0.1", 8080
+        host = match["v6"] or match["host"]
+        port = int(match["p6"] or match["port"])
+        if not 0 <= port <= 65535:
+            self.problems.append(f"SEATWATCH_HEALTH_LISTEN port must be 0..65535 (got {port})")
+            return host, 8080
+        return host, port
+
+
+def shortest_cron_gap_s(cron: str, tz: zoneinfo.ZoneInfo, *, samples: int = 100) -> float:
+    """The shortest gap, in seconds, among the next ``samples`` fire times of ``cron`` in ``tz``."""
+    it = croniter(cron, datetime.now(tz))
+    times = [it.get_next(float) for _ in range(samples + 1)]
+    return float(min(b - a for a, b in itertools.pairwise(times)))
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret string in ``settings``, for the log redaction filter (defence in depth)."""
+    found: list[str] = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, Secret) and value:
+            found.append(value.reveal())
+    # The password inside a URL is a secret too, even when the URL itself is shown redacted.
+    for url in (settings.database_url.reveal(), settings.redis_url.reveal()):
+        match = _USERINFO.search(url)
+        if match and match["pw"]:
+            found.append(match["pw"])
+    return [s for s in found if len(s) >= 4]
+
+
+def scrape_url(base: str) -> str:
+    """``{SCRAPER_URL}/scrape`` joined without a double slash (production had a trailing slash)."""
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/") + "/scrape"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -1,0 +1,120 @@
+"""Log lines for journald (``<N>`` syslog priority on every line) or as JSON, with secrets scrubbed.
+
+Under systemd, stdout goes to the journal and the ``<N>`` prefix sets each line's priority
+(``SyslogLevelPrefix=yes`` is systemd's default); ``journalctl -p warning`` then works as expected.
+A traceback is one event, so every one of its lines carries the prefix: journald splits on newlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
+
+import orjson
+
+from daemon.config import redact_url
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+# syslog priorities: 2 crit, 3 err, 4 warning, 5 notice, 6 info, 7 debug
+_PRIORITY: Final = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def priority(levelno: int) -> int:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+class _Scrubber:
+    """Removes known secret values and URL passwords from any text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = redact_url(text)
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "**********")
+        return text
+
+
+class JournalFormatter(logging.Formatter):
+    """``<6>daemon.queue: message``; a timestamp too when stdout is not the journal."""
+
+    def __init__(self, scrub: _Scrubber, *, timestamps: bool) -> None:
+        super().__init__()
+        self.scrub = scrub
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        elif record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        text = self.scrub(text)
+        head = f"<{priority(record.levelno)}>"
+        if self.timestamps:
+            stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            head += f"{stamp} {record.levelname} "
+        head += f"{record.name}: "
+        return "\n".join(head + line for line in text.splitlines() or [""])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, priority, logger, msg, and exc when there is one."""
+
+    def __init__(self, scrub: _Scrubber) -> None:
+        super().__init__()
+        self.scrub = scrub
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "priority": priority(record.levelno),
+            "logger": record.name,
+            "msg": self.scrub(record.getMessage()),
+        }
+        if record.exc_info:
+            event["exc"] = self.scrub(self.formatException(record.exc_info))
+        return orjson.dumps(event).decode()
+
+
+def configure(*, fmt: str = "text", level: str = "info", secrets: Iterable[str] = (), stream: object = None) -> None:
+    """Send every log record to stdout in the chosen format, scrubbing ``secrets``."""
+    scrub = _Scrubber(secrets)
+    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(scrub))
+    else:
+        handler.setFormatter(JournalFormatter(scrub, timestamps="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Library chatter below warning is noise in the journal.
+    for name in ("httpx", "httpcore", "asyncio", "pgserver"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def mask_email(address: str) -> str:
+    """``ada@example.edu`` -> ``a***@example.edu``: enough to tell users apart, not to mail them."""
+    local, _, domain = address.partition("@")
+    if not domain:
+        return "***"
+    return f"{local[:1]}***@{domain}"

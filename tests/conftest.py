@@ -1,0 +1,137 @@
+"""Fixtures on real servers: Redis isolated by a random key prefix per test, Postgres by a database per module.
+
+How the servers were found is printed in the pytest header (see ``tests/support/servers.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from daemon import db
+from daemon.keys import Keys
+from daemon.scripts import Scripts
+from daemon.usage import RedisClients
+from tests.support.servers import TestServers
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+_SERVERS: TestServers | None = None
+
+
+def _servers() -> TestServers:
+    global _SERVERS
+    if _SERVERS is None:
+        _SERVERS = TestServers().start()
+    return _SERVERS
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return ["seatwatch test servers: " + "; ".join(_servers().how)]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SERVERS is not None:
+        _SERVERS.stop()
+
+
+@pytest.fixture(scope="session")
+def servers() -> TestServers:
+    return _servers()
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: TestServers) -> str:
+    return servers.redis_url
+
+
+# -- Redis ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"swtest:{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        batch = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for start in range(0, len(batch), 500):
+            await client.delete(*batch[start : start + 500])
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_clients(redis_url: str, prefix: str) -> AsyncIterator[RedisClients]:
+    clients = RedisClients(redis_url)
+    try:
+        yield clients
+    finally:
+        await clients.aclose()
+        await delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+async def scripts(redis_clients: RedisClients) -> Scripts:
+    loaded = Scripts(redis_clients.client("startup"))
+    await loaded.load(redis_clients.client("startup"))
+    return loaded
+
+
+# -- Postgres ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def migrated_template(servers: TestServers) -> Iterator[str]:
+    """A database with every migration applied, copied for each module that wants one."""
+    name = servers.create_database("template")
+
+    async def run() -> None:
+        conn = await db.connect(servers.url_for(name))
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    yield name
+    servers.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def database_url(servers: TestServers, migrated_template: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database for this test module."""
+    label = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    name = servers.create_database(label, template=migrated_template)
+    yield servers.url_for(name)
+    servers.drop_database(name)
+
+
+@pytest.fixture
+def empty_database_url(servers: TestServers, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database with nothing in it, for one test."""
+    name = servers.create_database("empty")
+    yield servers.url_for(name)
+    servers.drop_database(name)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    created = await db.create_pool(database_url, min_size=1, max_size=8)
+    try:
+        yield created
+    finally:
+        await created.close()
