@@ -1,0 +1,76 @@
+-- include: lib_time
+-- include: breaker_lib
+-- include: queue_lib
+-- queue_cycle: settle finished jobs and admit newly read ones through the breaker, in one atomic step.
+-- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] delayed payloads, KEYS[5] dead letters,
+-- KEYS[6] breaker hash, KEYS[7] breaker trials
+-- ARGV[1] group, ARGV[2] JSON {
+--   cfg: breaker cfg + dlq_maxlen,
+--   outcomes: [[kind, trial_id], ...]  breaker outcomes in the order the calls finished,
+--   done: [[eid, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw], ...]
+--         action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
+--                 | requeue (back to the stream now, spends none: a job interrupted by shutdown)
+--                 | dead (dead-letter) | poison (malformed entry: dead-letter as is),
+--   read: [[eid, id, term, class_nbr, attempts, enqueued_ms], ...]  entries just read, to admit
+-- }
+-- Reply: JSON {admitted, trials, retry_after_ms, deferred, breaker, next_due_ms}
+--   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
+--   may admit again, without spending an attempt. A retry is never due before the breaker reopens.
+local now = now_ms()
+local group = ARGV[1]
+local a = cjson.decode(ARGV[2])
+local cfg = a.cfg
+local b
+if #a.outcomes > 0 then
+    b = breaker_record(KEYS[6], KEYS[7], a.outcomes, cfg, now)
+else
+    b = breaker_load(KEYS[6])
+    breaker_settle_time(b, cfg, now)
+end
+local wait_ms = breaker_wait_ms(b, cfg, now)
+
+for _, d in ipairs(a.done) do
+    local eid, id, action = d[1], d[2], d[3]
+    local owned = q_owned(KEYS[2], id, eid)
+    q_remove(KEYS[1], group, eid)
+    if action == 'poison' then
+        q_dead(KEYS[5], cfg.dlq_maxlen, id, d[5], d[6], d[7], d[9], eid, now, d[10])
+    elseif owned then
+        if action == 'ack' then
+            redis.call('HDEL', KEYS[2], id)
+        elseif action == 'retry' or action == 'defer' then
+            local delay = tonumber(d[4])
+            if action == 'retry' then delay = math.max(delay, wait_ms) end
+            q_delay(KEYS[2], KEYS[3], KEYS[4], id, now + delay, d[5], d[6], d[7], d[8])
+        elseif action == 'requeue' then
+            q_add(KEYS[1], KEYS[2], id, d[5], d[6], d[7], d[8])
+        elseif action == 'dead' then
+            q_dead(KEYS[5], cfg.dlq_maxlen, id, d[5], d[6], d[7], d[9], eid, now, '')
+            redis.call('HDEL', KEYS[2], id)
+        end
+    end
+end
+
+local admitted, trials, retry_ms, deferred = 0, {}, 0, 0
+local n = #a.read
+if n > 0 then
+    admitted, trials, retry_ms, b = breaker_allow(KEYS[6], KEYS[7], n, cfg, now)
+    for i = admitted + 1, n do
+        local r = a.read[i]
+        local owned = q_owned(KEYS[2], r[2], r[1])
+        q_remove(KEYS[1], group, r[1])
+        if owned then
+            q_delay(KEYS[2], KEYS[3], KEYS[4], r[2], now + retry_ms, r[3], r[4], r[5], r[6])
+            deferred = deferred + 1
+        end
+    end
+end
+
+return cjson.encode({
+    admitted = admitted,
+    trials = trials,
+    retry_after_ms = retry_ms,
+    deferred = deferred,
+    breaker = breaker_view(KEYS[7], b, cfg, now),
+    next_due_ms = q_next_due(KEYS[3]),
+})

@@ -1,0 +1,762 @@
+"""The section queue on a Redis Stream: at-least-once, deduplicated, reclaimed, retried, dead-lettered.
+
+Two layers. ``Queue`` is the Redis primitive: each method is one command (mostly one script call).
+``Consumer`` is the runtime: one blocking reader feeding a bounded pool of workers, a settler, and a
+maintainer. It is built to be frugal, because production Redis bills every command:
+
+* Idle, the only traffic is one blocking ``XREADGROUP`` every ``idle_block_s`` and one maintenance call
+  every ``idle_maintenance_s``: no polling loop, and nothing that grows with the concurrency.
+* Busy, one read takes as many entries as there are free slots, and one ``queue_cycle`` script call then
+  settles every job finished since the last call (acknowledge, retry, dead-letter), records their
+  breaker outcomes in order, and asks the breaker to admit the entries just read. The reader waits until
+  about half the slots are free before reading, so batches stay large: two commands per batch in all.
+
+Correctness does not lean on the batching: an entry is acknowledged only after its handler returned (its
+work committed), an unacknowledged entry is requeued by the maintenance of any daemon once it has been
+idle for the visibility timeout, and a restarted daemon requeues its own unacknowledged entries at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import anyio
+import orjson
+import redis.exceptions
+
+from daemon.breaker import BreakerConfig, BreakerState, OutcomeKind, trial_list
+from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from anyio.abc import TaskGroup
+
+    from daemon.keys import Keys
+    from daemon.scripts import Scripts
+    from daemon.systemd import Progress
+    from daemon.usage import CountingRedis
+
+logger = logging.getLogger(__name__)
+
+ENQUEUE_CHUNK: Final = 2000  # sections per enqueue script call (keeps each call's request small)
+DEAD_LETTER_MAXLEN: Final = 10_000
+MAINTENANCE_BATCH: Final = 500
+REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError)
+
+
+# -- jobs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One delivery of a section check. ``attempts`` were spent before this one."""
+
+    entry_id: str
+    id: str
+    term: str
+    class_nbr: str
+    attempts: int
+    enqueued_ms: int
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first delivery, 2 for the first retry, ..."""
+        return self.attempts + 1
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A stream entry that is not a job: it goes to the dead-letter stream as it is."""
+
+    entry_id: str
+    fields: dict[str, str]
+    reason: str
+
+
+def parse_entry(entry_id: str, fields: dict[str, str]) -> Job | Malformed:
+    term, class_nbr = fields.get("term", ""), fields.get("class_nbr", "")
+    if not term or not class_nbr:
+        return Malformed(entry_id, fields, "malformed entry: no term or class_nbr")
+    if fields.get("id") != f"{term}-{class_nbr}":
+        return Malformed(entry_id, fields, "malformed entry: id does not match term and class_nbr")
+    try:
+        attempts = int(fields.get("attempts", "0"))
+        enqueued_ms = int(fields.get("enqueued_ms", "0"))
+    except ValueError:
+        return Malformed(entry_id, fields, "malformed entry: attempts or enqueued_ms is not a number")
+    if attempts < 0:
+        return Malformed(entry_id, fields, "malformed entry: negative attempts")
+    return Job(entry_id, fields["id"], term, class_nbr, attempts, enqueued_ms)
+
+
+@dataclass
+class Ticket:
+    """What a handler gets: the job, and where to say how the breaker-guarded call went."""
+
+    job: Job
+    trial: str = ""
+    breaker: OutcomeKind = "n"
+
+    def success(self) -> None:
+        self.breaker = "s"
+
+    def failure(self) -> None:
+        self.breaker = "f"
+
+
+class Handler(Protocol):
+    """Does one job. Returning acknowledges it; ``errors.JobError`` subclasses say what else to do."""
+
+    async def __call__(self, ticket: Ticket) -> None: ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """A settled delivery, as the cycle script takes it."""
+
+    job: Job | Malformed
+    action: str  # ack | retry | defer | requeue | dead | poison
+    delay_s: float = 0.0
+    error: str = ""
+    attempts: int = 0  # attempts spent after this delivery (what a retry carries forward)
+
+    def lua(self) -> list[Any]:
+        if isinstance(self.job, Malformed):
+            raw = orjson.dumps(self.job.fields).decode()
+            return [
+                self.job.entry_id,
+                self.job.fields.get("id", ""),
+                "poison",
+                0,
+                "",
+                "",
+                0,
+                0,
+                self.error,
+                raw,
+            ]
+        j = self.job
+        return [
+            j.entry_id,
+            j.id,
+            self.action,
+            int(self.delay_s * 1000),
+            j.term,
+            j.class_nbr,
+            self.attempts,
+            j.enqueued_ms,
+            self.error,
+            "",
+        ]
+
+
+# -- the Redis primitive -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    added: int
+    skipped: int
+    fenced: bool = False
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    admitted: int
+    trials: list[str]
+    retry_after_s: float
+    deferred: int
+    breaker: BreakerState
+    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    waiting: int
+    pending: int
+    delayed: int
+    dead_letters: int
+    next_due_in_s: float | None = None
+    next_reclaim_in_s: float | None = None
+    promoted: int = 0
+    requeued: int = 0
+    dead: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "waiting": self.waiting,
+            "pending": self.pending,
+            "delayed": self.delayed,
+            "dead_letters": self.dead_letters,
+        }
+
+
+def _due_in(reply: dict[str, Any], key: str = "next_due_ms") -> float | None:
+    due = int(reply.get(key, -1))
+    if due < 0:
+        return None
+    return max(0.0, (due - int(reply["now_ms"])) / 1000)
+
+
+class Queue:
+    """The stream, its consumer group, the delayed set and the dead-letter stream of one key prefix."""
+
+    def __init__(
+        self,
+        redis: CountingRedis,
+        blocking: CountingRedis,
+        keys: Keys,
+        scripts: Scripts,
+        *,
+        consumer: str,
+        visibility_timeout_s: float = 300,
+        max_attempts: int = 3,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.keys = keys
+        self.scripts = scripts
+        self.consumer = consumer
+        self.visibility_timeout_s = visibility_timeout_s
+        self.max_attempts = max_attempts
+        self.breaker = breaker or BreakerConfig(trial_ttl_s=visibility_timeout_s)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (one command)."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, sections: Iterable[tuple[str, str]], *, fence: int | None = None) -> EnqueueResult:
+        """Add (term, class_nbr) jobs unless already waiting, running or delayed; one call per 2,000.
+
+        With ``fence``, nothing is added once the cron lock has been granted to someone else since.
+        """
+        added = skipped = 0
+        flat: list[str] = []
+        items = list(sections)
+        for start in range(0, len(items), ENQUEUE_CHUNK):
+            flat = [value for pair in items[start : start + ENQUEUE_CHUNK] for value in pair]
+            reply = await self.scripts.call_json(
+                "queue_enqueue",
+                [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.lock_meta],
+                ["" if fence is None else str(fence), *flat],
+                self.redis,
+            )
+            if reply.get("fenced"):
+                return EnqueueResult(added, skipped, fenced=True)
+            added += int(reply["added"])
+            skipped += int(reply["skipped"])
+        return EnqueueResult(added, skipped)
+
+    async def read(self, count: int, block_s: float) -> list[Job | Malformed]:
+        """Up to ``count`` new entries for this consumer, blocking up to ``block_s`` for the first."""
+        try:
+            reply = await self.blocking.xreadgroup(
+                self.keys.group,
+                self.consumer,
+                {self.keys.stream: ">"},
+                count=count,
+                block=max(1, int(block_s * 1000)),
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream was deleted under us (an operator, or eviction): recreate and read again next time.
+            logger.warning("queue stream or group vanished; recreating it")
+            await self.ensure_group()
+            return []
+        found: list[Job | Malformed] = []
+        streams: Any = reply or []  # RESP2: [[stream, [(id, fields), ...]], ...]
+        for _stream, entries in streams:
+            for entry_id, fields in entries:
+                found.append(parse_entry(str(entry_id), dict(fields or {})))
+        return found
+
+    async def cycle(
+        self, outcomes: Sequence[tuple[str, str]], done: Sequence[Done], read: Sequence[Job]
+    ) -> CycleResult:
+        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call."""
+        cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
+        payload = {
+            "cfg": cfg,
+            "outcomes": [list(o) for o in outcomes],
+            "done": [d.lua() for d in done],
+            "read": [[j.entry_id, j.id, j.term, j.class_nbr, j.attempts, j.enqueued_ms] for j in read],
+        }
+        reply = await self.scripts.call_json(
+            "queue_cycle",
+            [
+                self.keys.stream,
+                self.keys.jobs,
+                self.keys.delayed,
+                self.keys.delayed_payloads,
+                self.keys.dead_letters,
+                self.keys.breaker,
+                self.keys.breaker_trials,
+            ],
+            [self.keys.group, orjson.dumps(payload).decode()],
+            self.redis,
+        )
+        view = reply["breaker"]
+        return CycleResult(
+            admitted=int(reply["admitted"]),
+            trials=trial_list(reply["trials"]),
+            retry_after_s=int(reply["retry_after_ms"]) / 1000,
+            deferred=int(reply["deferred"]),
+            breaker=BreakerState.from_lua(view),
+            next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
+        )
+
+    async def maintain(self, *, resume: bool = False) -> QueueStats:
+        """Promote due delayed jobs and requeue stale entries; one script call.
+
+        ``resume`` takes this consumer's own unacknowledged entries whatever their idle time (at start,
+        after a crash); otherwise every consumer's entries idle past the visibility timeout.
+        """
+        reply = await self.scripts.call_json(
+            "queue_maintain",
+            [
+                self.keys.stream,
+                self.keys.jobs,
+                self.keys.delayed,
+                self.keys.delayed_payloads,
+                self.keys.dead_letters,
+            ],
+            [
+                self.keys.group,
+                self.consumer if resume else "",
+                0 if resume else int(self.visibility_timeout_s * 1000),
+                self.max_attempts,
+                MAINTENANCE_BATCH,
+                DEAD_LETTER_MAXLEN,
+            ],
+            self.redis,
+        )
+        pending = int(reply["pending"])
+        return QueueStats(
+            waiting=max(0, int(reply["stream"]) - pending),
+            pending=pending,
+            delayed=int(reply["delayed"]),
+            dead_letters=int(reply["dead_letters"]),
+            next_due_in_s=_due_in(reply),
+            next_reclaim_in_s=None if int(reply["next_reclaim_ms"]) < 0 else int(reply["next_reclaim_ms"]) / 1000,
+            promoted=int(reply["promoted"]),
+            requeued=int(reply["requeued"]),
+            dead=int(reply["dead"]),
+        )
+
+    async def stats(self) -> QueueStats:
+        """Queue figures without changing anything (for status); one script call."""
+        reply = await self.scripts.call_json(
+            "queue_stats",
+            [self.keys.stream, self.keys.delayed, self.keys.dead_letters],
+            [self.keys.group],
+            self.redis,
+        )
+        pending = int(reply["pending"])
+        return QueueStats(
+            waiting=max(0, int(reply["stream"]) - pending),
+            pending=pending,
+            delayed=int(reply["delayed"]),
+            dead_letters=int(reply["dead_letters"]),
+            next_due_in_s=_due_in(reply),
+        )
+
+    # -- dead letters ----------------------------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        entries: list[Any] = await self.redis.xrange(self.keys.dead_letters, count=count) or []
+        return [(str(entry_id), dict(fields or {})) for entry_id, fields in entries]
+
+    async def requeue_dead(self, entry_ids: Sequence[str] = ()) -> dict[str, int]:
+        """Put dead letters (all, or these ids) back on the queue with fresh attempts; one call."""
+        reply = await self.scripts.call_json(
+            "dlq_requeue",
+            [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.dead_letters],
+            list(entry_ids),
+            self.redis,
+        )
+        return {k: int(v) for k, v in reply.items()}
+
+    async def purge_dead(self) -> int:
+        """Drop every dead letter; returns how many there were."""
+        count = int(await self.redis.xlen(self.keys.dead_letters))
+        await self.redis.delete(self.keys.dead_letters)
+        return count
+
+
+# -- the runtime -----------------------------------------------------------------------------------------
+
+
+def retry_delay_s(
+    attempt: int, base_s: float, *, cap_s: float = 1800, rand: Callable[[], float] = random.random
+) -> float:
+    """Exponential backoff with jitter: base * 4^(attempt-1), +/-20 %, capped."""
+    raw = min(cap_s, base_s * 4.0 ** max(0, attempt - 1))
+    return float(raw * (0.8 + 0.4 * rand()))
+
+
+@dataclass
+class ConsumerState:
+    """What the consumer last saw, for health, status and metrics (no Redis command per probe)."""
+
+    stats: QueueStats | None = None
+    stats_at: float | None = None
+    breaker: BreakerState | None = None
+    breaker_at: float | None = None
+    running: int = 0
+    completed: int = 0
+    retried: int = 0
+    deferred: int = 0
+    dead_lettered: int = 0
+    redis_ok: bool = True
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Consumer:
+    """One blocking reader, a bounded pool, a settler and a maintainer, until ``stopping`` is set.
+
+    On ``stopping``: no more reads; running jobs finish (the caller bounds that with the shutdown grace
+    by cancelling); jobs cancelled mid-way are returned to the stream without spending an attempt; every
+    outcome is settled before ``run`` returns.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handler: Handler,
+        *,
+        concurrency: int = 4,
+        retry_base_s: float = 30.0,
+        idle_block_s: float = 900.0,
+        idle_maintenance_s: float = 900.0,
+        settle_linger_s: float = 0.2,
+        progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.handler = handler
+        self.concurrency = concurrency
+        self.refill_at = max(1, concurrency // 2)
+        self.retry_base_s = retry_base_s
+        self.idle_block_s = idle_block_s
+        self.idle_maintenance_s = idle_maintenance_s
+        self.busy_maintenance_s = max(1.0, queue.visibility_timeout_s / 2)
+        self.settle_linger_s = settle_linger_s
+        self.clock = clock
+        self.progress = progress
+        self.state = ConsumerState()
+
+        self._running = 0
+        self._done: list[Done] = []
+        self._outcomes: list[tuple[str, str]] = []
+        self._cycle_lock = anyio.Lock()
+        self._capacity = anyio.Event()  # set when a job finishes
+        self._finished = anyio.Event()  # set when a job finishes, for the settler
+        self._poke_maintainer = anyio.Event()
+        self._maintain_at = 0.0  # clock time of the next maintenance
+        self._paused_until = 0.0  # breaker said wait
+        self._reader_waiting_on_stream = False
+        self._active_since_maintenance = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def run(self, stopping: anyio.Event) -> None:
+        await self._with_redis_retry(self.queue.ensure_group, stopping)
+        resumed = await self._with_redis_retry(lambda: self.queue.maintain(resume=True), stopping)
+        if resumed is not None:
+            self._observe_stats(resumed)
+            if resumed.requeued or resumed.dead:
+                logger.info(
+                    "resumed %d unacknowledged jobs of consumer %s (%d dead-lettered)",
+                    resumed.requeued,
+                    self.queue.consumer,
+                    resumed.dead,
+                )
+        try:
+            async with anyio.create_task_group() as jobs:
+                async with anyio.create_task_group() as loops:
+                    loops.start_soon(self._reader, jobs, stopping)
+                    loops.start_soon(self._settler)
+                    loops.start_soon(self._maintainer)
+                    await stopping.wait()
+                    loops.cancel_scope.cancel()
+                if self.progress is not None:
+                    self.progress.done("reader")
+                    self.progress.done("maintainer")
+                if self._running:
+                    logger.info("draining: waiting for %d running jobs", self._running)
+        finally:
+            with anyio.move_on_after(10, shield=True):
+                await self._flush(final=True)
+
+    async def _with_redis_retry(self, call: Callable[[], Any], stopping: anyio.Event) -> Any:
+        delay = 1.0
+        while not stopping.is_set():
+            try:
+                result = await call()
+            except REDIS_ERRORS as exc:
+                self._redis_down(exc)
+                with anyio.move_on_after(delay):
+                    await stopping.wait()
+                delay = min(30.0, delay * 2)
+            else:
+                self._redis_up()
+                return result
+        return None
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self.state.redis_ok:
+            logger.warning("queue: Redis unavailable (%s); retrying with backoff", exc)
+        self.state.redis_ok = False
+
+    def _redis_up(self) -> None:
+        if not self.state.redis_ok:
+            logger.info("queue: Redis is back")
+        self.state.redis_ok = True
+        self.state.last_progress = self.clock()
+
+    def _expect(self, loop: str, within_s: float) -> None:
+        if self.progress is not None:
+            self.progress.expect(loop, within_s)
+
+    # -- reader ------------------------------------------------------------------------------------------
+
+    async def _reader(self, jobs: TaskGroup, stopping: anyio.Event) -> None:
+        delay = 1.0
+        while True:
+            await self._wait_for_capacity()
+            pause_s = self._paused_until - self.clock()
+            if pause_s > 0:
+                self._reader_waiting_on_stream = True
+                await anyio.sleep(pause_s)
+            free = self.concurrency - self._running
+            self._reader_waiting_on_stream = True
+            self._expect("reader", self.idle_block_s + 60)
+            try:
+                with anyio.fail_after(self.idle_block_s + 30):
+                    entries = await self.queue.read(free, self.idle_block_s)
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                self._reader_waiting_on_stream = False
+                self._redis_down(exc)
+                await anyio.sleep(delay)
+                delay = min(30.0, delay * 2)
+                continue
+            self._reader_waiting_on_stream = False
+            self._redis_up()
+            delay = 1.0
+            if not entries:
+                continue
+            self._active_since_maintenance = True
+            good = [e for e in entries if isinstance(e, Job)]
+            for bad in (e for e in entries if isinstance(e, Malformed)):
+                logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
+                self._done.append(Done(bad, "poison", error=bad.reason))
+                self.state.dead_lettered += 1
+            # Shielded: once Redis admitted these jobs they must be started, or they would sit unacked
+            # until the visibility timeout.
+            with anyio.CancelScope(shield=True):
+                result = await self._cycle(good, stopping)
+                if result is not None:
+                    for i, job in enumerate(good[: result.admitted]):
+                        self._running += 1
+                        self.state.running = self._running
+                        trial = result.trials[i] if i < len(result.trials) else ""
+                        jobs.start_soon(self._run, Ticket(job, trial=trial))
+            if result is not None and result.admitted < len(good):
+                self.state.deferred += result.deferred
+                self._paused_until = self.clock() + max(0.1, result.retry_after_s)
+                logger.info(
+                    "breaker %s: %d jobs deferred for %.0fs without spending an attempt",
+                    result.breaker.state,
+                    result.deferred,
+                    result.retry_after_s,
+                )
+
+    async def _wait_for_capacity(self) -> None:
+        # Read when about half the slots are free (or all of them are): fewer, larger batches.
+        while True:
+            free = self.concurrency - self._running
+            if free >= self.refill_at or self._running == 0:
+                return
+            self._capacity = anyio.Event()
+            await self._capacity.wait()
+
+    # -- settling ------------------------------------------------------------------------------------------
+
+    async def _cycle(self, read: Sequence[Job], stopping: anyio.Event | None = None) -> CycleResult | None:
+        """One queue_cycle call with everything buffered; buffers go back if Redis fails."""
+        delay = 0.5
+        while True:
+            async with self._cycle_lock:
+                done, outcomes = self._done, self._outcomes
+                self._done, self._outcomes = [], []
+                try:
+                    result = await self.queue.cycle(outcomes, done, read)
+                except REDIS_ERRORS as exc:
+                    self._done[:0], self._outcomes[:0] = done, outcomes
+                    self._redis_down(exc)
+                else:
+                    self._redis_up()
+                    self._observe_cycle(result)
+                    return result
+            if stopping is None or stopping.is_set():
+                # Shutting down: the read entries stay pending for this consumer and are resumed at start.
+                return None
+            await anyio.sleep(delay)
+            delay = min(10.0, delay * 2)
+
+    async def _settler(self) -> None:
+        """Settle finished jobs while the reader is not about to (it waits on the stream or the breaker).
+
+        While the reader waits for free slots, the jobs still running will finish and the reader's next
+        cycle settles everything at once; only when it waits on the stream would outcomes sit unsent.
+        """
+        while True:
+            if not (self._done or self._outcomes):
+                self._finished = anyio.Event()
+                await self._finished.wait()
+                continue
+            await anyio.sleep(self.settle_linger_s)
+            if self._reader_waiting_on_stream and (self._done or self._outcomes):
+                await self._flush()
+
+    async def _flush(self, *, final: bool = False) -> None:
+        if not (self._done or self._outcomes):
+            return
+        delay = 0.5
+        while self._done or self._outcomes:
+            async with self._cycle_lock:
+                done, outcomes = self._done, self._outcomes
+                self._done, self._outcomes = [], []
+                try:
+                    self._observe_cycle(await self.queue.cycle(outcomes, done, []))
+                    self._redis_up()
+                except REDIS_ERRORS as exc:
+                    self._done[:0], self._outcomes[:0] = done, outcomes
+                    self._redis_down(exc)
+                    if final:
+                        logger.warning(
+                            "could not settle %d jobs before exit; they are redelivered after restart",
+                            len(done),
+                        )
+                        return
+            if self._done or self._outcomes:
+                await anyio.sleep(delay)
+                delay = min(10.0, delay * 2)
+
+    def _observe_cycle(self, result: CycleResult) -> None:
+        self.state.breaker = result.breaker
+        self.state.breaker_at = self.clock()
+        if result.next_due_in_s is not None:
+            self._maintain_soon(result.next_due_in_s)
+
+    # -- jobs ----------------------------------------------------------------------------------------------
+
+    async def _run(self, ticket: Ticket) -> None:
+        job = ticket.job
+        done: Done
+        try:
+            await self.handler(ticket)
+            done = Done(job, "ack")
+            self.state.completed += 1
+        except DeferJob as exc:
+            done = Done(job, "defer", delay_s=exc.delay_s, error=str(exc), attempts=job.attempts)
+            self.state.deferred += 1
+            logger.info("job %s deferred %.0fs (attempt not spent): %s", job.id, exc.delay_s, exc)
+        except PermanentJobError as exc:
+            done = Done(job, "dead", error=str(exc), attempts=job.attempt)
+            self.state.dead_lettered += 1
+            logger.error("job %s dead-lettered: %s", job.id, exc)
+        except anyio.get_cancelled_exc_class():
+            # Shutdown ran out of grace: give the job back without spending an attempt.
+            self._settled(ticket, Done(job, "requeue", attempts=job.attempts))
+            raise
+        except Exception as exc:
+            done = self._failed(job, exc)
+        self._settled(ticket, done)
+
+    def _failed(self, job: Job, exc: Exception) -> Done:
+        reason = str(exc) or exc.__class__.__name__
+        if not isinstance(exc, RetryableJobError):
+            logger.exception("job %s failed unexpectedly (attempt %d)", job.id, job.attempt)
+            reason = f"{exc.__class__.__name__}: {reason}"
+        if job.attempt >= self.queue.max_attempts:
+            self.state.dead_lettered += 1
+            logger.error("job %s dead-lettered after %d attempts: %s", job.id, job.attempt, reason)
+            return Done(job, "dead", error=reason, attempts=job.attempt)
+        delay_s = getattr(exc, "delay_s", None)
+        if delay_s is None:
+            delay_s = retry_delay_s(job.attempt, self.retry_base_s)
+        self.state.retried += 1
+        logger.warning("job %s attempt %d failed, retry in %.0fs: %s", job.id, job.attempt, delay_s, reason)
+        return Done(job, "retry", delay_s=delay_s, error=reason, attempts=job.attempt)
+
+    def _settled(self, ticket: Ticket, done: Done) -> None:
+        self._done.append(done)
+        if ticket.trial or ticket.breaker != "n":
+            self._outcomes.append((ticket.breaker, ticket.trial))
+        self._running -= 1
+        self.state.running = self._running
+        self.state.last_progress = self.clock()
+        self._capacity.set()
+        self._finished.set()
+
+    # -- maintenance -----------------------------------------------------------------------------------------
+
+    def _maintain_soon(self, in_s: float) -> None:
+        at = self.clock() + in_s
+        if at < self._maintain_at:
+            self._maintain_at = at
+            self._poke_maintainer.set()
+
+    def _observe_stats(self, stats: QueueStats) -> None:
+        self.state.stats = stats
+        self.state.stats_at = self.clock()
+
+    async def _maintainer(self) -> None:
+        """Promote due retries and requeue stale entries, as rarely as the queue's state allows."""
+        delay = 1.0
+        self._maintain_at = self.clock() + self.busy_maintenance_s
+        while True:
+            self._poke_maintainer = anyio.Event()
+            wait_s = self._maintain_at - self.clock()
+            self._expect("maintainer", max(0.0, wait_s) + 60)
+            if wait_s > 0:
+                with anyio.move_on_after(wait_s):
+                    await self._poke_maintainer.wait()
+                continue
+            try:
+                stats = await self.queue.maintain()
+            except REDIS_ERRORS as exc:
+                self._redis_down(exc)
+                self._maintain_at = self.clock() + delay
+                delay = min(30.0, delay * 2)
+                continue
+            delay = 1.0
+            self._redis_up()
+            self._observe_stats(stats)
+            if stats.requeued or stats.dead:
+                logger.warning(
+                    "requeued %d jobs nobody acknowledged within %.0fs (%d dead-lettered)",
+                    stats.requeued,
+                    self.queue.visibility_timeout_s,
+                    stats.dead,
+                )
+            busy = stats.pending or stats.waiting or self._running or self._active_since_maintenance
+            self._active_since_maintenance = False
+            next_in = self.busy_maintenance_s if busy else self.idle_maintenance_s
+            for candidate in (stats.next_due_in_s, stats.next_reclaim_in_s):
+                if candidate is not None:
+                    # A little after the moment, so the entry is due (or idle long enough) by Redis time.
+                    next_in = min(next_in, candidate + 0.05)
+            self._maintain_at = self.clock() + max(0.05, next_in)
