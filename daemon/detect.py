@@ -1,0 +1,103 @@
+"""Change detection: (previous state, new observation) -> what happened. Pure; no I/O.
+
+* A first observation (no previous state) records state and notifies nobody.
+* open seats = ``non_reserved_seats`` when known, else ``seats_available``.
+* A seat notification only on the edge previous open == 0 and new open > 0 (2 -> 5 sends nothing).
+* An instructor notification only when the previous instructor was exactly ``Staff`` and the new one is a
+  non-empty name other than ``Staff``.
+* When open seats drop from > 0 to 0 the seat claims are reset, so the next opening notifies again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+STAFF: Final = "Staff"
+SEAT_AVAILABLE: Final = "seat_available"
+INSTRUCTOR_ASSIGNED: Final = "instructor_assigned"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One validated scrape of a section."""
+
+    subject: str
+    catalog_nbr: str
+    title: str | None
+    instructor: str
+    seats_available: int
+    seats_capacity: int
+    non_reserved_seats: int | None
+    location: str | None
+    meeting_times: str | None
+
+    @property
+    def open_seats(self) -> int:
+        return self.non_reserved_seats if self.non_reserved_seats is not None else self.seats_available
+
+    def row(self) -> tuple[object, ...]:
+        """The values in the order ``seatwatch_observe`` takes them after term and class_nbr."""
+        return (
+            self.subject,
+            self.catalog_nbr,
+            self.title,
+            self.instructor,
+            self.seats_available,
+            self.seats_capacity,
+            self.non_reserved_seats,
+            self.location,
+            self.meeting_times,
+        )
+
+
+@dataclass(frozen=True)
+class PreviousState:
+    """What the section looked like before; ``source`` is 'seatwatch' or 'class_states' (cutover)."""
+
+    source: str
+    instructor: str | None
+    seats_available: int | None
+    non_reserved_seats: int | None
+
+    @property
+    def open_seats(self) -> int | None:
+        return open_seats(self.seats_available, self.non_reserved_seats)
+
+
+def open_seats(seats_available: int | None, non_reserved_seats: int | None) -> int | None:
+    return non_reserved_seats if non_reserved_seats is not None else seats_available
+
+
+@dataclass(frozen=True)
+class Changes:
+    first_observation: bool = False
+    seat_opened: bool = False
+    seats_filled: bool = False
+    instructor_assigned: bool = False
+
+    @property
+    def notification_types(self) -> list[str]:
+        types = []
+        if self.seat_opened:
+            types.append(SEAT_AVAILABLE)
+        if self.instructor_assigned:
+            types.append(INSTRUCTOR_ASSIGNED)
+        return types
+
+    @property
+    def touches_claims(self) -> bool:
+        """Whether the transaction has claim work to do (reset or new claims)."""
+        return self.seats_filled or bool(self.notification_types)
+
+
+def detect(previous: PreviousState | None, new: Observation) -> Changes:
+    if previous is None:
+        return Changes(first_observation=True)
+    before, after = previous.open_seats, new.open_seats
+    name = new.instructor.strip()
+    return Changes(
+        seat_opened=before == 0 and after > 0,
+        seats_filled=before is not None and before > 0 and after == 0,
+        instructor_assigned=previous.instructor == STAFF and name not in ("", STAFF),
+    )

@@ -1,0 +1,330 @@
+"""The outbox sender: drains ``seatwatch_outbox`` into Resend batches, exactly once per email.
+
+A batch is formed once (at most 100 pending rows, taken ``FOR UPDATE SKIP LOCKED`` so several daemons can
+share the work) and recorded on its rows with its key before its first request. Every retry resends that
+same batch (the same rows, in the same order, with the same stored bytes) under that same
+Idempotency-Key: a request whose answer was lost is answered again by Resend without a second delivery,
+and is never re-formed into a different batch.
+
+* 2xx: rows are marked sent with Resend's ids.
+* 429, 5xx, network errors: the batch waits (Retry-After, else exponential backoff) and goes again.
+* 400/422: nothing was sent. A batch of several rows is split into single-row batches with new keys, so
+  one bad address cannot sink the others; a single row is marked failed with the reason.
+* A batch unsent 23 hours after it formed is marked failed rather than retried, because Resend forgets
+  idempotency keys after 24 hours and a late retry could then deliver twice.
+
+Requests are paced to Resend's rate limit (2 per second by default). Sent rows are kept 30 days.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from daemon import db
+from daemon.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
+from daemon.queue import retry_delay_s
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import asyncpg
+
+    from daemon.mailer import Transport
+    from daemon.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+LEASE_S: Final = 120.0
+GIVE_UP_AFTER_S: Final = 23 * 3600
+RETENTION_DAYS: Final = 30
+POLL_S: Final = 10.0
+PURGE_EVERY_S: Final = 3600.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    key: str
+    attempts: int
+    age_s: float
+    emails: list[OutgoingEmail]
+    types: list[str]
+
+
+class OutboxSender:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        transport: Transport,
+        metrics: Metrics,
+        *,
+        requests_per_s: float = 2.0,
+        retry_base_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.metrics = metrics
+        self.min_interval_s = 1.0 / requests_per_s
+        self.retry_base_s = retry_base_s
+        self.clock = clock
+        self._last_request = -1e9
+        self._wake = anyio.Event()
+        self.failing = False  # the last request did not go through (health: degraded)
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        """New rows were committed: send them now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Send until ``stopping``; a Postgres outage only delays (logged once, then retried)."""
+        next_purge = self.clock()
+        delay = 1.0
+        db_down = False
+        while not stopping.is_set():
+            try:
+                while await self.send_one():
+                    if stopping.is_set():
+                        return
+                if self.clock() >= next_purge:
+                    await self.purge()
+                    next_purge = self.clock() + PURGE_EVERY_S
+            except db.CONNECTION_ERRORS as exc:
+                if not db_down:
+                    logger.warning("outbox: Postgres unavailable (%s); retrying", exc.__class__.__name__)
+                db_down = True
+                with anyio.move_on_after(delay):
+                    await stopping.wait()
+                delay = min(30.0, delay * 2)
+                continue
+            if db_down:
+                logger.info("outbox: Postgres is back")
+            db_down, delay = False, 1.0
+            self._wake = anyio.Event()
+            with anyio.move_on_after(POLL_S):
+                await self._wake.wait()
+
+    async def drain(self) -> int:
+        """Send everything that is due now; the number of batches attempted (tests, `demo`)."""
+        count = 0
+        while await self.send_one():
+            count += 1
+        return count
+
+    # -- one batch --------------------------------------------------------------------------------------
+
+    async def send_one(self) -> bool:
+        """Lease one due batch (forming one if none is waiting) and send it. False when nothing is due."""
+        batch = await self._lease_due_batch() or await self._form_batch()
+        if batch is None:
+            return False
+        await self._pace()
+        try:
+            ids = await self.transport.send(batch.key, batch.emails)
+        except EmailRetry as exc:
+            await self._retry(batch, str(exc), exc.retry_after_s)
+        except EmailRejected as exc:
+            await self._rejected(batch, str(exc))
+        else:
+            await self._sent(batch, ids)
+        return True
+
+    async def _pace(self) -> None:
+        wait_s = self._last_request + self.min_interval_s - self.clock()
+        if wait_s > 0:
+            await anyio.sleep(wait_s)
+        self._last_request = self.clock()
+
+    async def _lease_due_batch(self) -> Batch | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """
+                SELECT key, attempts, extract(epoch FROM now() - created_at) AS age_s
+                FROM seatwatch_outbox_batches
+                WHERE status = 'pending' AND next_attempt_at <= now()
+                  AND (leased_until IS NULL OR leased_until < now())
+                ORDER BY next_attempt_at
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+                """
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                """
+                UPDATE seatwatch_outbox_batches
+                SET leased_until = now() + make_interval(secs => $2), attempts = attempts + 1
+                WHERE key = $1
+                """,
+                row["key"],
+                LEASE_S,
+            )
+            return await self._load(conn, row["key"], row["attempts"] + 1, float(row["age_s"]))
+
+    async def _form_batch(self) -> Batch | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """
+                SELECT id, solo FROM seatwatch_outbox
+                WHERE status = 'pending' AND batch_key IS NULL
+                ORDER BY id
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+                """,
+                BATCH_LIMIT,
+            )
+            if not rows:
+                return None
+            # A row split out of a rejected batch travels alone; others fill the batch in id order.
+            ids = [rows[0]["id"]] if rows[0]["solo"] else [r["id"] for r in rows if not r["solo"]]
+            key = f"seatwatch-{uuid.uuid4()}"
+            await conn.execute(
+                """
+                INSERT INTO seatwatch_outbox_batches (key, attempts, leased_until)
+                VALUES ($1, 1, now() + make_interval(secs => $2))
+                """,
+                key,
+                LEASE_S,
+            )
+            await conn.execute("UPDATE seatwatch_outbox SET batch_key = $1 WHERE id = ANY($2::bigint[])", key, ids)
+            return await self._load(conn, key, 1, 0.0)
+
+    async def _load(self, conn: asyncpg.Connection, key: str, attempts: int, age_s: float) -> Batch:
+        rows = await conn.fetch(
+            "SELECT id, payload, notification_type FROM seatwatch_outbox WHERE batch_key = $1 ORDER BY id",
+            key,
+        )
+        return Batch(
+            key=key,
+            attempts=attempts,
+            age_s=age_s,
+            emails=[OutgoingEmail(r["id"], r["payload"]) for r in rows],
+            types=[r["notification_type"] for r in rows],
+        )
+
+    # -- outcomes ----------------------------------------------------------------------------------------
+
+    async def _sent(self, batch: Batch, ids: list[str]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """
+                UPDATE seatwatch_outbox o SET status = 'sent', sent_at = now(), provider_id = v.provider_id,
+                                              last_error = NULL
+                FROM unnest($1::bigint[], $2::text[]) AS v(id, provider_id)
+                WHERE o.id = v.id
+                """,
+                [e.row_id for e in batch.emails],
+                ids,
+            )
+            await conn.execute(
+                "UPDATE seatwatch_outbox_batches SET status = 'sent', sent_at = now(), leased_until = NULL, "
+                "last_error = NULL WHERE key = $1",
+                batch.key,
+            )
+        for kind in batch.types:
+            self.metrics.emails.labels(kind, "sent").inc()
+        self.failing, self.last_error = False, None
+        logger.info("outbox: batch %s sent (%d emails, attempt %d)", batch.key, len(batch.emails), batch.attempts)
+
+    async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None) -> None:
+        self.failing, self.last_error = True, reason
+        if batch.age_s >= GIVE_UP_AFTER_S:
+            await self._fail_rows(batch, f"unsent after {batch.age_s / 3600:.0f}h, last error: {reason}")
+            return
+        delay_s = (
+            retry_after_s if retry_after_s is not None else retry_delay_s(batch.attempts, self.retry_base_s, cap_s=600)
+        )
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                """
+                UPDATE seatwatch_outbox_batches
+                SET next_attempt_at = now() + make_interval(secs => $2), leased_until = NULL, last_error = $3
+                WHERE key = $1
+                """,
+                batch.key,
+                delay_s,
+                reason,
+            )
+        logger.warning(
+            "outbox: batch %s (%d emails) attempt %d failed, same batch again in %.0fs: %s",
+            batch.key,
+            len(batch.emails),
+            batch.attempts,
+            delay_s,
+            reason,
+        )
+
+    async def _rejected(self, batch: Batch, reason: str) -> None:
+        if len(batch.emails) == 1:
+            await self._fail_rows(batch, reason)
+            return
+        # Nothing of this batch was sent, so its rows may go again under new keys, each on its own.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE seatwatch_outbox SET batch_key = NULL, solo = true, last_error = $2 WHERE batch_key = $1",
+                batch.key,
+                reason,
+            )
+            await conn.execute(
+                "UPDATE seatwatch_outbox_batches SET status = 'failed', leased_until = NULL, last_error = $2 "
+                "WHERE key = $1",
+                batch.key,
+                reason,
+            )
+        logger.warning(
+            "outbox: batch %s rejected (%s); its %d emails go again one by one",
+            batch.key,
+            reason,
+            len(batch.emails),
+        )
+
+    async def _fail_rows(self, batch: Batch, reason: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE seatwatch_outbox SET status = 'failed', last_error = $2 WHERE batch_key = $1",
+                batch.key,
+                reason,
+            )
+            await conn.execute(
+                "UPDATE seatwatch_outbox_batches SET status = 'failed', leased_until = NULL, last_error = $2 "
+                "WHERE key = $1",
+                batch.key,
+                reason,
+            )
+        for kind in batch.types:
+            self.metrics.emails.labels(kind, "failed").inc()
+        logger.error("outbox: %d emails of batch %s failed: %s", len(batch.emails), batch.key, reason)
+
+    async def purge(self) -> int:
+        """Delete sent and failed rows older than the retention, and their batches."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchval(
+                """
+                WITH gone AS (
+                    DELETE FROM seatwatch_outbox
+                    WHERE status IN ('sent', 'failed')
+                      AND coalesce(sent_at, created_at) < now() - make_interval(days => $1)
+                    RETURNING 1
+                )
+                SELECT count(*) FROM gone
+                """,
+                RETENTION_DAYS,
+            )
+            await conn.execute(
+                """
+                DELETE FROM seatwatch_outbox_batches b
+                WHERE b.status IN ('sent', 'failed')
+                  AND b.created_at < now() - make_interval(days => $1)
+                  AND NOT EXISTS (SELECT 1 FROM seatwatch_outbox o WHERE o.batch_key = b.key)
+                """,
+                RETENTION_DAYS,
+            )
+        if deleted:
+            logger.info("outbox: purged %d rows older than %d days", deleted, RETENTION_DAYS)
+        return int(deleted or 0)

@@ -1,0 +1,179 @@
+"""One section end to end: scrape (under the breaker's admission), then ONE Postgres transaction.
+
+The transaction, holding the section's lock: record the observation and read the state it replaces;
+detect edges; reset seat claims on a fill; claim notifications atomically; write one fully rendered
+outbox row per claim this transaction made. Then the queue acknowledges the job. A crash before commit
+changes nothing (the job is redelivered); after commit the emails are owed and the outbox sends them.
+
+Round trips: BEGIN, observe, COMMIT when nothing happened; plus claim and the outbox insert on an edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from daemon import db
+from daemon.detect import Changes, Observation, detect
+from daemon.errors import (
+    DeferJob,
+    PermanentJobError,
+    RetryableJobError,
+    ScrapeError,
+    ScrapeRateLimited,
+    ScrapeRejected,
+    SectionNotFound,
+)
+from daemon.logs import mask_email
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import asyncpg
+
+    from daemon.mailer import Renderer
+    from daemon.metrics import Metrics
+    from daemon.queue import Ticket
+    from daemon.scraper import Scraper
+
+logger = logging.getLogger(__name__)
+
+DB_OUTAGE_DEFER_S = 30.0
+
+
+@dataclass(frozen=True)
+class SectionResult:
+    changes: Changes
+    emails: int
+    previous_source: str | None
+    claimed: list[db.Claim] = field(default_factory=list)
+
+
+class Pipeline:
+    """The queue's handler for section jobs."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        scraper: Scraper,
+        renderer: Renderer,
+        metrics: Metrics,
+        *,
+        on_emails: Callable[[], None] = lambda: None,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.pool = pool
+        self.scraper = scraper
+        self.renderer = renderer
+        self.metrics = metrics
+        self.on_emails = on_emails
+        self.clock_ms = clock_ms
+
+    async def __call__(self, ticket: Ticket) -> None:
+        job = ticket.job
+        started = time.perf_counter()
+        try:
+            observation = await self.scraper.scrape(job.term, job.class_nbr)
+        except SectionNotFound as exc:
+            ticket.success()
+            self.metrics.sections.labels("not_found").inc()
+            logger.warning("section %s not found by the scraper: %s", job.id, exc)
+            return
+        except ScrapeRejected as exc:
+            ticket.success()
+            self.metrics.sections.labels("rejected").inc()
+            raise PermanentJobError(str(exc)) from exc
+        except ScrapeRateLimited as exc:
+            self.metrics.sections.labels("rate_limited").inc()
+            raise DeferJob(str(exc), exc.retry_after_s) from exc
+        except ScrapeError as exc:
+            ticket.failure()
+            self.metrics.sections.labels("scrape_failed").inc()
+            raise RetryableJobError(str(exc)) from exc
+        finally:
+            self.metrics.scrape_seconds.observe(time.perf_counter() - started)
+        ticket.success()
+
+        try:
+            result = await self.record(job.term, job.class_nbr, observation)
+        except db.CONNECTION_ERRORS as exc:
+            self.metrics.sections.labels("db_unavailable").inc()
+            raise DeferJob(f"Postgres unavailable: {exc.__class__.__name__}", DB_OUTAGE_DEFER_S) from exc
+
+        changes = result.changes
+        outcome = "first" if changes.first_observation else ("changed" if changes.touches_claims else "unchanged")
+        self.metrics.sections.labels(outcome).inc()
+        for claim in result.claimed:
+            self.metrics.notifications.labels(claim.notification_type).inc()
+            logger.info(
+                "section %s: %s owed to watch %s (%s)",
+                job.id,
+                claim.notification_type,
+                claim.watch_id,
+                mask_email(claim.email),
+            )
+        if changes.touches_claims or changes.first_observation:
+            logger.info(
+                "section %s checked (attempt %d): open=%d %s, %d emails queued",
+                job.id,
+                job.attempt,
+                observation.open_seats,
+                _describe(changes, result.previous_source),
+                result.emails,
+            )
+        else:
+            logger.debug("section %s checked: open=%d, no change", job.id, observation.open_seats)
+        if result.emails:
+            self.on_emails()
+
+    async def record(self, term: str, class_nbr: str, observation: Observation) -> SectionResult:
+        """The one transaction of a section check."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            previous = await db.observe(conn, term, class_nbr, observation.row())
+            changes = detect(previous, observation)
+            if not changes.touches_claims:
+                return SectionResult(changes, 0, previous.source if previous else None)
+            claims = await db.claim(
+                conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
+            )
+            now_ms = self.clock_ms()
+            rows = []
+            for claim in claims:
+                rendered = self.renderer.render(
+                    claim.notification_type,
+                    term,
+                    class_nbr,
+                    observation,
+                    to=claim.email,
+                    user_id=claim.user_id,
+                    now_ms=now_ms,
+                )
+                rows.append(
+                    db.OutboxRow(
+                        claim.watch_id,
+                        claim.user_id,
+                        claim.notification_type,
+                        term,
+                        class_nbr,
+                        rendered.payload,
+                        rendered.token,
+                    )
+                )
+            await db.insert_outbox(conn, rows)
+            return SectionResult(changes, len(rows), previous.source if previous else None, claims)
+
+
+def _describe(changes: Changes, source: str | None) -> str:
+    if changes.first_observation:
+        return "(first observation)"
+    parts = []
+    if changes.seat_opened:
+        parts.append("seats opened")
+    if changes.seats_filled:
+        parts.append("seats filled (claims reset)")
+    if changes.instructor_assigned:
+        parts.append("instructor assigned")
+    text = ", ".join(parts) or "no edge"
+    return f"{text}; previous state from {source}" if source == "class_states" else text
