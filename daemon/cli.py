@@ -1,0 +1,198 @@
+"""The ``seatwatch`` command line.
+
+Exit codes: 0 success, 1 failure, 2 usage, 3 lock held elsewhere (``tick``), 78 configuration.
+Output for people goes to stdout/stderr here and only here; the daemon itself logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from daemon import __version__
+from daemon.config import EX_CONFIG, NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
+from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+EX_OK: Final = 0
+EX_FAILURE: Final = 1
+EX_USAGE: Final = 2
+EX_LOCKED: Final = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seatwatch", description="Watch class sections and email students when a seat opens."
+    )
+    parser.add_argument("--version", action="version", version=f"seatwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="the daemon (systemd ExecStart)")
+    sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
+    sub.add_parser("check", help="validate configuration and reach Postgres, Redis and the scraper")
+    tick = sub.add_parser("tick", help="run one enqueue tick now, under the cron lock")
+    tick.add_argument(
+        "--group",
+        choices=("even", "odd", "all"),
+        default=None,
+        help="which sections (default: the group of the current half hour, or all)",
+    )
+    status = sub.add_parser("status", help="breaker, lock, queue, outbox, ticks and Redis commands")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    breaker = sub.add_parser("breaker", help="operator overrides for the circuit breaker")
+    breaker_sub = breaker.add_subparsers(dest="action", required=True, metavar="ACTION")
+    breaker_sub.add_parser("reset", help="close the breaker and zero its counts")
+    lock = sub.add_parser("lock", help="operator overrides for the cron lock")
+    lock_sub = lock.add_subparsers(dest="action", required=True, metavar="ACTION")
+    release = lock_sub.add_parser("release", help="release the cron lock")
+    release.add_argument("--force", action="store_true", required=True, help="whoever holds it")
+    dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered jobs")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="show dead letters")
+    dlq_list.add_argument("--count", type=int, default=100)
+    dlq_list.add_argument("--json", action="store_true")
+    requeue = dlq_sub.add_parser("requeue", help="put dead letters back on the queue (all, or these ids)")
+    requeue.add_argument("ids", nargs="*", metavar="ID")
+    dlq_sub.add_parser("purge", help="delete every dead letter")
+    demo = sub.add_parser("demo", help="the whole pipeline on this machine with nothing configured")
+    demo.add_argument("--dir", default="seatwatch-demo", help="where the demo keeps its servers and outbox")
+    demo.add_argument("--port", type=int, default=8080, help="health port (0 = any free port)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    return parser
+
+
+def load_settings(needs: str, env: dict[str, str] | None = None) -> Settings:
+    """Settings for a command, exiting 78 with every problem listed when they are unusable."""
+    from daemon import systemd
+
+    timeout_stop_s = systemd.timeout_stop_s() if needs == NEEDS_ALL else None
+    try:
+        return Settings.from_env(env, needs=needs, timeout_stop_s=timeout_stop_s)
+    except ConfigError as exc:
+        print(f"seatwatch: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _run,
+        "migrate": _migrate,
+        "check": _check,
+        "tick": _tick,
+        "status": _status,
+        "breaker": _breaker,
+        "lock": _lock,
+        "dlq": _dlq,
+        "demo": _demo,
+    }
+    try:
+        return handlers[command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _async(fn: Callable[[], Awaitable[int]]) -> int:
+    return anyio.run(fn)
+
+
+def _configure_logs(settings: Settings) -> None:
+    from daemon import logs
+    from daemon.config import secret_values
+
+    logs.configure(fmt=settings.log_format, level=settings.log_level, secrets=secret_values(settings))
+
+
+# -- commands --------------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_ALL)
+    _configure_logs(settings)
+    from daemon.supervisor import run_daemon
+
+    return run_daemon(settings)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_DATABASE)
+    _configure_logs(settings)
+    from daemon import db
+
+    async def go() -> int:
+        conn = await db.connect(settings.database_url.reveal())
+        try:
+            applied = await db.migrate(conn)
+        finally:
+            await conn.close()
+        print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")
+        return EX_OK
+
+    return _async(go)
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_ALL)
+    from daemon.checks import run_checks
+
+    results = _async_value(lambda: run_checks(settings))
+    width = max(len(name) for name, _, _ in results)
+    for name, ok, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'} {name.ljust(width)}  {detail}")
+    return EX_OK if all(ok for _, ok, _ in results) else EX_FAILURE
+
+
+def _async_value(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(fn)
+
+
+def _tick(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_STORES)
+    _configure_logs(settings)
+    from daemon.admin import tick_now
+
+    return _async(lambda: tick_now(settings, args.group))
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_STORES)
+    from daemon.admin import status
+
+    return _async(lambda: status(settings, as_json=args.json))
+
+
+def _breaker(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_REDIS)
+    from daemon.admin import breaker_reset
+
+    return _async(lambda: breaker_reset(settings))
+
+
+def _lock(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_REDIS)
+    from daemon.admin import lock_release
+
+    return _async(lambda: lock_release(settings))
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_REDIS)
+    from daemon import admin
+
+    if args.action == "list":
+        return _async(lambda: admin.dlq_list(settings, count=args.count, as_json=args.json))
+    if args.action == "requeue":
+        return _async(lambda: admin.dlq_requeue(settings, args.ids))
+    return _async(lambda: admin.dlq_purge(settings))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(dir_=args.dir, port=args.port, duration_s=args.duration, env=dict(os.environ))

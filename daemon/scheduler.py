@@ -1,0 +1,263 @@
+"""The scheduler: cron slots in the configured zone, parity stagger, per-slot markers, misfire grace.
+
+Every slot runs at most once across all daemons sharing the Redis (the lock script refuses a slot whose
+marker says ``done``) and at least once if any daemon is up within the misfire grace of it: at start, the
+most recent slot at most ``grace`` old and not yet done runs once; older slots are skipped and logged. A
+tick takes the cron lock, reads the sections of its group from Postgres, enqueues them (fenced by the
+lock's token), and releases the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from croniter import croniter
+
+from daemon import db
+from daemon.lock import LockBusy, SlotDone
+from daemon.queue import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from zoneinfo import ZoneInfo
+
+    import asyncpg
+
+    from daemon.lock import CronLock, Grant
+    from daemon.metrics import Metrics
+    from daemon.queue import Queue
+    from daemon.systemd import Progress
+
+logger = logging.getLogger(__name__)
+
+LOCK_RETRY_S = 15.0
+
+
+# -- slots (pure) -------------------------------------------------------------------------------------------
+
+
+def latest_slot(cron: str, tz: ZoneInfo, now: float) -> datetime:
+    """The most recent fire time at or before ``now``."""
+    at = datetime.fromtimestamp(now, tz)
+    prev: datetime = croniter(cron, at).get_prev(datetime)
+    following: datetime = croniter(cron, prev).get_next(datetime)
+    return following if following.timestamp() <= now else prev
+
+
+def next_slot(cron: str, tz: ZoneInfo, after: datetime) -> datetime:
+    """The first fire time strictly after ``after``."""
+    result: datetime = croniter(cron, after).get_next(datetime)
+    return result
+
+
+def slot_id(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def group_for(at: datetime, stagger: str) -> str:
+    """parity: the first half hour checks even last digits, the second odd; none: everything."""
+    if stagger == "none":
+        return "all"
+    return "even" if (at.minute // 30) % 2 == 0 else "odd"
+
+
+# -- one tick ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TickResult:
+    slot: str | None
+    group: str
+    sections: int
+    enqueued: int
+    already_queued: int
+    fenced: bool
+    fence: int
+    duration_ms: int
+    finished_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "group": self.group,
+            "sections": self.sections,
+            "enqueued": self.enqueued,
+            "already_queued": self.already_queued,
+            "fence": self.fence,
+            "duration_ms": self.duration_ms,
+            "finished_at": datetime.fromtimestamp(self.finished_at, UTC).isoformat(timespec="seconds"),
+        }
+
+
+async def enqueue_under(grant: Grant, pool: asyncpg.Pool, queue: Queue, group: str, slot: str | None) -> TickResult:
+    """Read the group's sections and enqueue them, fenced by ``grant``. The caller holds the lock."""
+    started = time.perf_counter()
+    sections = await db.sections_to_check(pool, group)
+    result = await queue.enqueue(sections, fence=grant.fence) if sections else None
+    return TickResult(
+        slot=slot,
+        group=group,
+        sections=len(sections),
+        enqueued=result.added if result else 0,
+        already_queued=result.skipped if result else 0,
+        fenced=bool(result and result.fenced),
+        fence=grant.fence,
+        duration_ms=int((time.perf_counter() - started) * 1000),
+        finished_at=time.time(),
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        cron: str,
+        tz: ZoneInfo,
+        stagger: str,
+        grace_s: float,
+        lock: CronLock,
+        queue: Queue,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        progress: Progress | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.cron = cron
+        self.tz = tz
+        self.stagger = stagger
+        self.grace_s = grace_s
+        self.lock = lock
+        self.queue = queue
+        self.pool = pool
+        self.metrics = metrics
+        self.progress = progress
+        self.now = now
+        self.last_tick: TickResult | None = None
+        self.holding: Grant | None = None  # while this daemon ticks
+        self.last_busy: LockBusy | None = None  # the last time another holder had the lock
+        self.waiting_for: datetime | None = None  # the slot we sleep towards or are running
+
+    @property
+    def next_tick(self) -> datetime | None:
+        return self.waiting_for
+
+    def overdue(self, allowance_s: float = 120.0) -> bool:
+        """A slot passed and was not handled (here or elsewhere) within the allowance."""
+        return self.waiting_for is not None and self.now() > self.waiting_for.timestamp() + allowance_s
+
+    async def run(self, stopping: anyio.Event) -> None:
+        handled = latest_slot(self.cron, self.tz, self.now())
+        if self.now() - handled.timestamp() <= self.grace_s:
+            self.waiting_for = handled
+            await self.run_slot(handled, stopping)
+        else:
+            logger.info("no cron slot within the misfire grace (last was %s)", slot_id(handled))
+        while not stopping.is_set():
+            slot = next_slot(self.cron, self.tz, handled)
+            self.waiting_for = slot
+            late_s = self.now() - slot.timestamp()
+            if late_s > self.grace_s:
+                logger.warning("cron slot %s skipped: %.0fs late, beyond the misfire grace", slot_id(slot), late_s)
+                self.metrics.ticks.labels("skipped").inc()
+                handled = slot
+                continue
+            wait_s = slot.timestamp() - self.now()
+            if wait_s > 0:
+                if self.progress is not None:
+                    self.progress.expect("scheduler", wait_s + self.grace_s + 120)
+                with anyio.move_on_after(wait_s):
+                    await stopping.wait()
+                if stopping.is_set():
+                    break
+                # A clock step or suspend can wake us early; loop to recompute rather than tick early.
+                if self.now() < slot.timestamp():
+                    continue
+            await self.run_slot(slot, stopping)
+            handled = slot
+        if self.progress is not None:
+            self.progress.done("scheduler")
+
+    async def run_slot(self, slot: datetime, stopping: anyio.Event) -> None:
+        """Run ``slot`` once across all daemons, retrying a busy lock or an outage within the grace."""
+        sid, group = slot_id(slot), group_for(slot, self.stagger)
+        deadline = slot.timestamp() + self.grace_s
+        delay = 1.0
+        while not stopping.is_set():
+            if self.progress is not None:
+                self.progress.expect("scheduler", LOCK_RETRY_S + 120)
+            try:
+                grant = await self.lock.acquire(slot=sid)
+            except SlotDone:
+                logger.debug("cron slot %s already ran", sid)
+                self.waiting_for = None
+                return
+            except LockBusy as busy:
+                self.last_busy = busy
+                wait_s = LOCK_RETRY_S
+                logger.info("cron slot %s: lock held by %s; trying again in %.0fs", sid, busy.holder, wait_s)
+            except REDIS_ERRORS as exc:
+                wait_s = delay
+                delay = min(30.0, delay * 2)
+                logger.warning("cron slot %s: Redis unavailable (%s)", sid, exc)
+            else:
+                self.holding = grant
+                try:
+                    ticked = await self._tick(grant, sid, group)
+                finally:
+                    self.holding = None
+                if ticked:
+                    self.waiting_for = None
+                    return
+                wait_s = delay
+                delay = min(30.0, delay * 2)
+            if self.now() + wait_s > deadline:
+                logger.error("cron slot %s (%s) not run: could not tick within the misfire grace", sid, group)
+                self.metrics.ticks.labels("missed").inc()
+                self.waiting_for = None
+                return
+            with anyio.move_on_after(wait_s):
+                await stopping.wait()
+
+    async def _tick(self, grant: Grant, sid: str, group: str) -> bool:
+        try:
+            result = await enqueue_under(grant, self.pool, self.queue, group, sid)
+        except Exception:
+            logger.exception("cron slot %s: tick failed; the slot stays open for a retry", sid)
+            self.metrics.ticks.labels("failed").inc()
+            with anyio.move_on_after(10, shield=True):
+                await self.lock.release(grant, slot=sid, slot_outcome="abort")
+            return False
+        with anyio.move_on_after(10, shield=True):
+            await self.lock.release(grant, slot=sid, slot_outcome="done", tick=orjson.dumps(result.as_dict()).decode())
+        self.last_tick = result
+        self.metrics.ticks.labels("fenced" if result.fenced else "ok").inc()
+        self.metrics.sections_enqueued.inc(result.enqueued)
+        if result.fenced:
+            logger.error(
+                "cron slot %s: the lock changed hands mid-tick (fence %d); nothing enqueued",
+                sid,
+                result.fence,
+            )
+        else:
+            logger.info(
+                "tick %s (%s): %d sections, %d enqueued, %d still queued from earlier, %d ms",
+                sid,
+                group,
+                result.sections,
+                result.enqueued,
+                result.already_queued,
+                result.duration_ms,
+            )
+        if result.already_queued:
+            logger.warning(
+                "tick %s: %d sections from earlier ticks are still queued: the queue is not keeping up",
+                sid,
+                result.already_queued,
+            )
+        return True
