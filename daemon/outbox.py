@@ -63,11 +63,13 @@ class OutboxSender:
         transport: Transport,
         metrics: Metrics,
         *,
+        owner: str = "seatwatch",
         requests_per_s: float = 2.0,
         retry_base_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
+        self.owner = owner
         self.transport = transport
         self.metrics = metrics
         self.min_interval_s = 1.0 / requests_per_s
@@ -87,8 +89,12 @@ class OutboxSender:
         next_purge = self.clock()
         delay = 1.0
         db_down = False
+        leases_released = False
         while not stopping.is_set():
             try:
+                if not leases_released:
+                    await self.release_own_leases()
+                    leases_released = True
                 while await self.send_one():
                     if stopping.is_set():
                         return
@@ -109,6 +115,27 @@ class OutboxSender:
             self._wake = anyio.Event()
             with anyio.move_on_after(POLL_S):
                 await self._wake.wait()
+
+    async def release_own_leases(self) -> int:
+        """At start: batches this sender (by name) had leased died with its previous process; send them now.
+
+        They go again as the same batch under the same key, so one already delivered is not delivered twice.
+        """
+        async with self.pool.acquire() as conn:
+            released = await conn.fetchval(
+                """
+                WITH freed AS (
+                    UPDATE seatwatch_outbox_batches SET leased_until = NULL
+                    WHERE status = 'pending' AND leased_by = $1 AND leased_until > now()
+                    RETURNING 1
+                )
+                SELECT count(*) FROM freed
+                """,
+                self.owner,
+            )
+        if released:
+            logger.info("outbox: resuming %d batches this daemon was sending when it stopped", released)
+        return int(released or 0)
 
     async def drain(self) -> int:
         """Send everything that is due now; the number of batches attempted (tests, `demo`)."""
@@ -159,11 +186,12 @@ class OutboxSender:
             await conn.execute(
                 """
                 UPDATE seatwatch_outbox_batches
-                SET leased_until = now() + make_interval(secs => $2), attempts = attempts + 1
+                SET leased_until = now() + make_interval(secs => $2), leased_by = $3, attempts = attempts + 1
                 WHERE key = $1
                 """,
                 row["key"],
                 LEASE_S,
+                self.owner,
             )
             return await self._load(conn, row["key"], row["attempts"] + 1, float(row["age_s"]))
 
@@ -186,11 +214,12 @@ class OutboxSender:
             key = f"seatwatch-{uuid.uuid4()}"
             await conn.execute(
                 """
-                INSERT INTO seatwatch_outbox_batches (key, attempts, leased_until)
-                VALUES ($1, 1, now() + make_interval(secs => $2))
+                INSERT INTO seatwatch_outbox_batches (key, attempts, leased_until, leased_by)
+                VALUES ($1, 1, now() + make_interval(secs => $2), $3)
                 """,
                 key,
                 LEASE_S,
+                self.owner,
             )
             await conn.execute("UPDATE seatwatch_outbox SET batch_key = $1 WHERE id = ANY($2::bigint[])", key, ids)
             return await self._load(conn, key, 1, 0.0)

@@ -241,7 +241,7 @@ class Daemon:
             )
         )
         stack.push_async_callback(http.aclose)
-        self.outbox = OutboxSender(pool, make_transport(settings, http), parts.metrics)
+        self.outbox = OutboxSender(pool, make_transport(settings, http), parts.metrics, owner=settings.consumer)
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
         pipeline = Pipeline(pool, scraper, renderer, parts.metrics, on_emails=self.outbox.wake)

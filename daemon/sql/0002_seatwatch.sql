@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS seatwatch_outbox_batches (
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     leased_until    timestamptz,
+    leased_by       text,
     last_error      text,
     sent_at         timestamptz
 );

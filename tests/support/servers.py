@@ -47,7 +47,7 @@ class TestServers:
     def _work(self) -> Path:
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="seatwatch-test-servers-"))
-            os.chmod(self._workdir, 0o755)  # pgserver runs postgres as its own user when we are root
+            os.chmod(self._workdir, 0o755)  # noqa: S103 - pgserver runs postgres as its own user when we are root
         return self._workdir
 
     def start(self) -> TestServers:

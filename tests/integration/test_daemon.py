@@ -1,0 +1,465 @@
+"""A real ``seatwatch run`` process: systemd notify, ticks, shutdown, crashes, outages, misfires."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from daemon.keys import Keys
+from daemon.scheduler import group_for, slot_id
+from tests.support.procs import DaemonProcess, NotifySocket, daemon_env, run_cli
+from tests.support.proxy import postgres_proxy, redis_proxy
+from tests.support.seed import add_legacy_state, add_user, add_watch, clear
+from tests.support.stubs import Reply, ResendStub, ScraperStub
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+
+    import asyncpg
+
+pytestmark = pytest.mark.slow
+
+TERM = "2261"
+
+
+@pytest.fixture
+def scraper() -> Iterator[ScraperStub]:
+    stub = ScraperStub().start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def resend() -> Iterator[ResendStub]:
+    stub = ResendStub().start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for proc in started:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} not met within {timeout_s}s")
+
+
+async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int = 1) -> list[str]:
+    """Watchers for each section, with legacy rows saying the section is full (so an opening notifies)."""
+    emails = []
+    for class_nbr in class_nbrs:
+        for i in range(per_section):
+            email = f"s{class_nbr}-{i}@example.edu"
+            await add_watch(pool, await add_user(pool, email), TERM, class_nbr)
+            emails.append(email)
+        await add_legacy_state(pool, TERM, class_nbr, seats=0)
+    return sorted(emails)
+
+
+def env(
+    redis_url: str, database_url: str, prefix: str, scraper: ScraperStub, resend: ResendStub, **extra: Any
+) -> dict[str, str]:
+    return daemon_env(
+        redis_url=redis_url,
+        database_url=database_url,
+        prefix=prefix,
+        scraper_url=scraper.url,
+        resend_url=resend.url,
+        **extra,
+    )
+
+
+async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """READY=1 on a real notify socket; `seatwatch tick --group even` checks only even sections and the
+    owed email arrives; SIGTERM brings STOPPING=1 and exit 0."""
+    await clear(pool)
+    await watched(pool, ["12340", "12341"])
+    for class_nbr in ("12340", "12341"):
+        scraper.set(TERM, class_nbr, seats=2)
+    notify = NotifySocket()
+    try:
+        # A daily cron an hour ago: no tick of its own during the test.
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        daemon_vars = env(
+            redis_url,
+            database_url,
+            prefix,
+            scraper,
+            resend,
+            SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
+            SEATWATCH_TIMEZONE="UTC",
+        )
+        proc = DaemonProcess(daemon_vars, notify=notify).start()
+        procs.append(proc)
+        ready = notify.wait_for("READY=1")
+        assert any(line.startswith("STATUS=") for line in ready.split("\n"))
+
+        tick = run_cli("tick", "--group", "even", env=daemon_vars)
+        assert tick.returncode == 0, tick.stderr
+        assert "1 enqueued" in tick.stdout
+        await eventually(lambda: _true(len(resend.deliveries) == 1), what="the even section's email")
+        assert resend.delivered_to() == ["s12340-0@example.edu"]
+        assert scraper.calls(TERM, "12341") == 0
+
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        notify.wait_for("STOPPING=1", timeout_s=5)
+    finally:
+        notify.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_start_runs_the_missed_slot_within_grace_and_checks_its_parity(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """A daemon started 5 minutes after a slot runs it once (the right parity group); the marker says done."""
+    await clear(pool)
+    emails = await watched(pool, ["12342", "12343", "12344", "12345"])
+    for class_nbr in ("12342", "12343", "12344", "12345"):
+        scraper.set(TERM, class_nbr, seats=1)
+    slot = (datetime.now(UTC) - timedelta(minutes=5)).replace(second=0, microsecond=0)
+    cron = f"{slot.minute} {slot.hour} * * *"
+    proc = DaemonProcess(
+        env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_CRON=cron, SEATWATCH_TIMEZONE="UTC")
+    ).start()
+    procs.append(proc)
+    expected = {"even": ["12342", "12344"], "odd": ["12343", "12345"]}[group_for(slot, "parity")]
+    await eventually(lambda: _true(len(resend.deliveries) == 2), what="the slot's emails")
+    assert resend.delivered_to() == sorted(e for e in emails if e[1:6] in expected)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert await client.get(Keys(prefix).slot(slot_id(slot))) == "done"
+    finally:
+        await client.aclose()
+    assert proc.stop() == 0
+
+
+async def test_start_skips_a_slot_older_than_the_grace(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """A daemon started an hour after a slot (grace 600 s) does not run it."""
+    await clear(pool)
+    await watched(pool, ["12346", "12347"])
+    slot = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+    proc = DaemonProcess(
+        env(
+            redis_url,
+            database_url,
+            prefix,
+            scraper,
+            resend,
+            SEATWATCH_CRON=f"{slot.minute} {slot.hour} * * *",
+            SEATWATCH_TIMEZONE="UTC",
+        )
+    ).start()
+    procs.append(proc)
+    proc.wait_for_log("no cron slot within the misfire grace")
+    await asyncio.sleep(1)
+    assert scraper.requests == []
+    assert proc.stop() == 0
+
+
+async def test_two_daemons_run_each_slot_once(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """Two daemons on one Redis and one cron slot: one tick, every section checked exactly once."""
+    await clear(pool)
+    sections = [str(12350 + i) for i in range(12)]
+    await watched(pool, sections)
+    for class_nbr in sections:
+        scraper.set(TERM, class_nbr, seats=1)
+    for n in range(2):
+        procs.append(
+            DaemonProcess(
+                env(
+                    redis_url,
+                    database_url,
+                    prefix,
+                    scraper,
+                    resend,
+                    SEATWATCH_CRON="* * * * *",
+                    SEATWATCH_TIMEZONE="UTC",
+                    SEATWATCH_STAGGER="none",
+                    SEATWATCH_CONSUMER=f"twin-{n}",
+                    SEATWATCH_LOCK_TTL_S="50",
+                )
+            ).start()
+        )
+    try:
+        await eventually(lambda: _true(len(resend.deliveries) == len(sections)), what="every section's email")
+    except AssertionError:
+        raise AssertionError("\n".join(p.logs() for p in procs)) from None
+    await asyncio.sleep(1.5)
+    assert sorted(d.message["to"][0] for d in resend.deliveries) == sorted(f"s{c}-0@example.edu" for c in sections)
+    ticked = [
+        line.split("daemon.scheduler: tick ")[1].split(" ")[0]
+        for proc in procs
+        for line in proc.logs().splitlines()
+        if "daemon.scheduler: tick " in line
+    ]
+    assert ticked
+    assert len(ticked) == len(set(ticked)), ticked  # no slot ran twice
+    for class_nbr in sections:
+        assert scraper.calls(TERM, class_nbr) == len(ticked)
+    for proc in procs:
+        assert proc.stop() == 0
+
+
+async def test_sigterm_mid_work_drains_and_loses_nothing(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """SIGTERM while slow scrapes run: exit 0 within the grace, and after a restart every email arrives once."""
+    await clear(pool)
+    sections = [str(12360 + i) for i in range(8)]
+    emails = await watched(pool, sections)
+    for class_nbr in sections:
+        scraper.script(TERM, class_nbr, Reply(200, {"success": True, "data": _data(seats=1)}, delay_s=1.0))
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    daemon_vars = env(
+        redis_url,
+        database_url,
+        prefix,
+        scraper,
+        resend,
+        SEATWATCH_CONCURRENCY="4",
+        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
+        SEATWATCH_TIMEZONE="UTC",
+    )
+    proc = DaemonProcess(daemon_vars).start()
+    procs.append(proc)
+    proc.wait_healthy()
+    assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
+    await eventually(lambda: _true(len(scraper.requests) >= 2), what="scrapes in flight")
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert time.monotonic() - started < 10
+    assert "draining" in proc.logs()
+
+    again = DaemonProcess(daemon_vars).start()
+    procs.append(again)
+    await eventually(lambda: _true(len(resend.deliveries) == len(sections)), timeout_s=30, what="every email")
+    await asyncio.sleep(1)
+    assert resend.delivered_to() == emails
+    assert again.stop() == 0
+
+
+def _data(**kwargs: Any) -> dict[str, Any]:
+    from tests.support.stubs import section_data
+
+    return section_data(**kwargs)
+
+
+async def test_killed_between_commit_and_send_delivers_once_after_restart(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """SIGKILL while Resend holds the batch's answer: the restart resends the same batch, delivered once."""
+    await clear(pool)
+    await watched(pool, ["12370"], per_section=2)
+    scraper.set(TERM, "12370", seats=3)
+    # Resend takes the batch, delivers it, and is slow to answer: the daemon dies before the answer comes.
+    resend.script(Reply(200, None, {"X-Stub-Deliver": "1"}, delay_s=5))
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    daemon_vars = env(
+        redis_url,
+        database_url,
+        prefix,
+        scraper,
+        resend,
+        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
+        SEATWATCH_TIMEZONE="UTC",
+    )
+    proc = DaemonProcess(daemon_vars).start()
+    procs.append(proc)
+    proc.wait_healthy()
+    assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
+    await eventually(lambda: _true(len(resend.requests) == 1), what="the first batch request")
+    proc.kill()
+    assert len(resend.deliveries) == 2
+    assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status = 'pending'") == 2
+
+    again = DaemonProcess(daemon_vars).start()
+    procs.append(again)
+
+    async def sent() -> bool:
+        return bool(await pool.fetchval("SELECT count(*) = 2 FROM seatwatch_outbox WHERE status = 'sent'"))
+
+    await eventually(sent, what="the outbox rows marked sent")
+    keys = {r.headers["Idempotency-Key"] for r in resend.requests}
+    assert len(resend.requests) == 2
+    assert len(keys) == 1
+    assert len(resend.deliveries) == 2
+    assert again.stop() == 0
+
+
+async def test_killed_before_commit_sends_once_after_restart(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """SIGKILL while the scrape is in flight: nothing was committed; the restart resumes the job, one email."""
+    await clear(pool)
+    await watched(pool, ["12372"])
+    scraper.script(TERM, "12372", Reply(200, {"success": True, "data": _data(seats=4)}, delay_s=3))
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    daemon_vars = env(
+        redis_url,
+        database_url,
+        prefix,
+        scraper,
+        resend,
+        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
+        SEATWATCH_TIMEZONE="UTC",
+    )
+    proc = DaemonProcess(daemon_vars).start()
+    procs.append(proc)
+    proc.wait_healthy()
+    assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
+    await eventually(lambda: _true(len(scraper.requests) == 1), what="the scrape in flight")
+    proc.kill()
+    assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox") == 0
+
+    again = DaemonProcess(daemon_vars).start()
+    procs.append(again)
+    await eventually(lambda: _true(len(resend.deliveries) == 1), what="the email after restart")
+    again.wait_for_log("resumed 1 unacknowledged jobs")
+    await asyncio.sleep(1)
+    assert resend.delivered_to() == ["s12372-0@example.edu"]
+    assert again.stop() == 0
+
+
+async def test_health_follows_redis_and_postgres_outages_without_restart(
+    pool: asyncpg.Pool,
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+    procs: list[DaemonProcess],
+) -> None:
+    """Health is 200, then 500 while Redis (then Postgres) is cut off, then 200 again, same process; work resumes."""
+    await clear(pool)
+    await watched(pool, ["12374"])
+    scraper.set(TERM, "12374", seats=2)
+    redis_cut, redis_via = redis_proxy(redis_url)
+    pg_cut, pg_via = postgres_proxy(database_url)
+    try:
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        daemon_vars = env(
+            redis_via,
+            pg_via,
+            prefix,
+            scraper,
+            resend,
+            SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
+            SEATWATCH_TIMEZONE="UTC",
+        )
+        proc = DaemonProcess(daemon_vars).start()
+        procs.append(proc)
+        body = proc.wait_healthy()
+        assert body["checks"]["redis"]["status"] == "healthy"
+
+        for cut, name in ((redis_cut, "redis"), (pg_cut, "database")):
+            cut.cut()
+            deadline = time.monotonic() + 20
+            code, body = proc.health()
+            while code != 500 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                code, body = proc.health()
+            assert code == 500
+            assert body["status"] == "unhealthy"
+            assert body["checks"][name]["status"] == "unhealthy"
+            cut.restore()
+            proc.wait_healthy(timeout_s=30)
+
+        # The same process still works end to end after both outages.
+        tick_vars = dict(daemon_vars, REDIS_URL=redis_url, DATABASE_URL=database_url)
+        assert run_cli("tick", "--group", "all", env=tick_vars).returncode == 0
+        await eventually(lambda: _true(len(resend.deliveries) == 1), timeout_s=30, what="the email after outages")
+        assert proc.stop() == 0
+    finally:
+        redis_cut.stop()
+        pg_cut.stop()
+
+
+async def test_port_in_use_fails_start_clearly(
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    scraper: ScraperStub,
+    resend: ResendStub,
+) -> None:
+    """A health port already bound makes `run` exit 1 naming the address."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = DaemonProcess(
+            env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_HEALTH_LISTEN=f"127.0.0.1:{port}")
+        ).start()
+        assert proc.wait(20) == 1
+        assert f"127.0.0.1:{port}" in proc.logs()

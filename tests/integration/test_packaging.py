@@ -1,0 +1,71 @@
+"""What ships: the wheel carries the Lua and SQL files; the unit file and Caddyfile say what operators rely on."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from daemon.db import migrations
+from daemon.scripts import SCRIPTS, source
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
+    """The built wheel holds every Lua script and library, every migration, py.typed and the console script."""
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("seatwatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    lua = {p.name for p in (ROOT / "daemon" / "lua").glob("*.lua")}
+    assert {f"daemon/lua/{name}" for name in lua} <= names
+    assert {f"daemon/lua/{name}.lua" for name in SCRIPTS} <= names
+    assert {f"daemon/sql/{m.name}.sql" for m in migrations()} <= names
+    assert "daemon/py.typed" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "seatwatch = daemon.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_every_script_resolves_its_includes() -> None:
+    """Each script's includes name library files that exist, and the loaded source starts with their text."""
+    folder = ROOT / "daemon" / "lua"
+    for name in SCRIPTS:
+        text = (folder / f"{name}.lua").read_text()
+        includes = re.findall(r"^-- include: (\w+)$", text, re.MULTILINE)
+        libraries = [(folder / f"{lib}.lua").read_text() for lib in includes]
+        assert source(name) == "\n".join([*libraries, text])
+
+
+def test_unit_file_matches_the_daemon() -> None:
+    """Type=notify with a watchdog, stop timeout above the default drain grace, no restart loop on exit 78."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((ROOT / "seatwatch.service").read_text())
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecStart"].endswith("seatwatch run")
+    assert service["ExecStartPre"].endswith("seatwatch migrate")
+    assert int(service["TimeoutStopSec"]) > 60  # SEATWATCH_SHUTDOWN_GRACE_S default
+    assert int(service["WatchdogSec"]) > 0
+    assert service["RestartPreventExitStatus"] == "78"
+    credentials = (ROOT / "seatwatch.service").read_text()
+    for name in ("database_url", "redis_url", "scraper_secret_token", "resend_api_key", "supabase_service_role_key"):
+        assert f"LoadCredential={name}:" in credentials
+
+
+def test_caddy_publishes_only_health() -> None:
+    """The Caddyfile proxies the health paths to the default listener and nothing else."""
+    text = (ROOT / "Caddyfile").read_text()
+    assert "@health path /api/monitoring/health /health" in text
+    assert "reverse_proxy 127.0.0.1:8080" in text
+    assert "/metrics" not in text.split("@health", 1)[1].split("handle {", 1)[0]

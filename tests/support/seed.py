@@ -1,0 +1,70 @@
+"""Rows the web app would have written: users, profiles, watches, legacy class_states."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncpg
+
+
+async def add_user(db: asyncpg.Pool | asyncpg.Connection, email: str, **profile: Any) -> str:
+    """An auth.users row, with a user_profiles row when ``profile`` flags are given."""
+    user_id = str(uuid.uuid4())
+    await db.execute("INSERT INTO auth.users (id, email) VALUES ($1, $2)", user_id, email)
+    if profile:
+        columns = ", ".join(["user_id", *profile])
+        placeholders = ", ".join(f"${i}" for i in range(1, len(profile) + 2))
+        await db.execute(f"INSERT INTO user_profiles ({columns}) VALUES ({placeholders})", user_id, *profile.values())
+    return user_id
+
+
+async def add_watch(
+    db: asyncpg.Pool | asyncpg.Connection,
+    user_id: str,
+    term: str,
+    class_nbr: str,
+    *,
+    subject: str = "CSE",
+    catalog_nbr: str = "240",
+) -> str:
+    watch_id = await db.fetchval(
+        "INSERT INTO class_watches (user_id, term, subject, catalog_nbr, class_nbr) VALUES ($1, $2, $3, $4, $5) "
+        "RETURNING id",
+        user_id,
+        term,
+        subject,
+        catalog_nbr,
+        class_nbr,
+    )
+    return str(watch_id)
+
+
+async def add_legacy_state(
+    db: asyncpg.Pool | asyncpg.Connection,
+    term: str,
+    class_nbr: str,
+    *,
+    seats: int = 0,
+    non_reserved: int | None = None,
+    instructor: str = "Staff",
+) -> None:
+    """A class_states row as the original app (or the web app's watch creation) left it."""
+    await db.execute(
+        "INSERT INTO class_states (term, subject, catalog_nbr, class_nbr, title, instructor_name, seats_available, "
+        "seats_capacity, non_reserved_seats) VALUES ($1, 'CSE', '240', $2, 'Intro', $3, $4, 30, $5)",
+        term,
+        class_nbr,
+        instructor,
+        seats,
+        non_reserved,
+    )
+
+
+async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
+    """Empty every table the tests write, so tests in one module do not see each other."""
+    await db.execute(
+        "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_section_states, notifications_sent, "
+        "class_watches, class_states, user_profiles, auth.users CASCADE"
+    )
