@@ -151,8 +151,12 @@ class CircuitBreaker:
         return BreakerState.from_lua(reply)
 
     async def reset(self) -> None:
-        """Operator override: back to CLOSED with every count zero and no trials in flight."""
-        await self.redis.delete(*self._keys)
+        """Operator override: back to CLOSED with every count zero and no trials in flight.
+
+        The trial id counter survives, so a trial admitted before the reset cannot free a newer one's slot.
+        """
+        await self.redis.hdel(self.keys.breaker, "state", "failures", "successes", "last_failure_ms", "last_change_ms")
+        await self.redis.delete(self.keys.breaker_trials)
 
 
 def _json(value: Any) -> str:

@@ -59,11 +59,14 @@ class Secret:
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# libpq and redis-py also take the password as a parameter: ``?password=...`` or ``password=...`` (keyword DSN).
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<key>\bpassword=)(?P<pw>[^&\s'\"]+)")
 
 
 def redact_url(url: str) -> str:
-    """``redis://default:hunter2@host`` -> ``redis://default:***@host``; anything else unchanged."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    """``redis://default:hunter2@host`` -> ``redis://default:***@host``, and ``password=x`` -> ``password=***``."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return _PASSWORD_PARAM.sub(lambda m: f"{m['key']}***", text)
 
 
 # The sets of variables each command needs; anything else may be absent for that command.
@@ -171,6 +174,7 @@ class _Parser:
         self.needs = needs
         self.hostname = hostname
         self.problems: list[str] = []
+        self._reported: set[str] = set()  # variables that already have a problem of their own
 
     # -- readers ---------------------------------------------------------------------------------
 
@@ -189,33 +193,38 @@ class _Parser:
         for key in (name, *aliases):
             direct = self.env.get(key)
             file_var = self.env.get(f"{key}_FILE")
+            direct = direct.strip() if direct else None
+            file_var = file_var.strip() if file_var else None
             if direct and file_var:
                 self.problems.append(f"{key} and {key}_FILE are both set; set only one")
+                self._reported.add(name)
                 return None
             if direct:
-                return direct.strip()
+                return direct
             if file_var:
-                return self._read_secret_file(f"{key}_FILE", Path(file_var))
+                return self._read_secret_file(name, f"{key}_FILE", Path(file_var))
             cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
             if cred_dir:
                 path = Path(cred_dir) / key.lower()
                 if path.is_file():
-                    return self._read_secret_file(f"credential {key.lower()}", path)
+                    return self._read_secret_file(name, f"credential {key.lower()}", path)
         return None
 
-    def _read_secret_file(self, label: str, path: Path) -> str | None:
+    def _read_secret_file(self, name: str, label: str, path: Path) -> str | None:
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             self.problems.append(f"{label}: cannot read {path}: {exc.strerror or exc.__class__.__name__}")
+            self._reported.add(name)
             return None
         if not value:
             self.problems.append(f"{label}: {path} is empty")
+            self._reported.add(name)
             return None
         return value
 
     def need(self, name: str, value: str | None, *, when: bool = True, why: str = "") -> str:
-        if value is None and when and self._required(name):
+        if value is None and when and self._required(name) and name not in self._reported:
             self.problems.append(f"{name} is required{why}")
         return value or ""
 
@@ -451,6 +460,7 @@ def secret_values(settings: Settings) -> list[str]:
         match = _USERINFO.search(url)
         if match and match["pw"]:
             found.append(match["pw"])
+        found += [m["pw"] for m in _PASSWORD_PARAM.finditer(url)]
     return [s for s in found if len(s) >= 4]
 
 

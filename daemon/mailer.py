@@ -10,6 +10,7 @@ The unsubscribe token must stay byte-compatible with the web app that verifies i
 from __future__ import annotations
 
 import base64
+import email.policy
 import hashlib
 import hmac
 import logging
@@ -323,9 +324,9 @@ class FileTransport:
     def _write(self, emails: Sequence[OutgoingEmail]) -> list[str]:
         self.folder.mkdir(parents=True, exist_ok=True)
         ids = []
-        for email in emails:
-            name = f"{email.row_id:08d}"
-            _atomic_write(self.folder / f"{name}.eml", to_eml(email.payload))
+        for outgoing in emails:
+            name = f"{outgoing.row_id:08d}"
+            _atomic_write(self.folder / f"{name}.eml", to_eml(outgoing.payload))
             ids.append(f"file:{name}")
         return ids
 
@@ -333,7 +334,8 @@ class FileTransport:
 def to_eml(payload: str) -> bytes:
     """The Resend JSON object of one email as an RFC 5322 message with text and HTML parts."""
     data = orjson.loads(payload)
-    message = EmailMessage()
+    # RFC 2369 wants List-Unsubscribe as a literal <URL>; the default 78-column policy would encode it.
+    message = EmailMessage(policy=email.policy.default.clone(max_line_length=998))
     message["From"] = data["from"] or "seatwatch@localhost"
     message["To"] = ", ".join(data["to"])
     message["Subject"] = data["subject"]

@@ -93,7 +93,10 @@ class RedisClients:
             "socket_keepalive": True,
             "socket_connect_timeout": 10,
         }
-        self.pool = aioredis.ConnectionPool.from_url(url, max_connections=16, socket_timeout=socket_timeout_s, **common)
+        # Callers beyond the pool's size wait for a free connection instead of failing.
+        self.pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=16, timeout=30, socket_timeout=socket_timeout_s, **common
+        )
         self.blocking_pool = aioredis.ConnectionPool.from_url(url, max_connections=2, socket_timeout=None, **common)
         self._clients: dict[tuple[str, bool], CountingRedis] = {}
 

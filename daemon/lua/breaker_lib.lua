@@ -33,7 +33,8 @@ end
 -- OPEN becomes HALF_OPEN once the recovery time has passed since the last failure (lazily, on any call).
 local function breaker_settle_time(b, cfg, now)
     if b.state == 'OPEN' and now - b.last_failure_ms >= cfg.recovery_ms then
-        breaker_set_state(b, 'HALF_OPEN', now)
+        -- The moment it became half-open is when recovery ended, whoever looks and whenever.
+        breaker_set_state(b, 'HALF_OPEN', b.last_failure_ms + cfg.recovery_ms)
     end
 end
 
