@@ -165,7 +165,9 @@ async def dlq_list(settings: Settings, *, count: int, as_json: bool) -> int:
     async with _parts(settings) as parts:
         entries = await parts.queue.dead_letters(count)
     if as_json:
-        print(orjson.dumps([{"id": eid, **fields} for eid, fields in entries], option=orjson.OPT_INDENT_2).decode())
+        print(
+            orjson.dumps([{"entry_id": eid, **fields} for eid, fields in entries], option=orjson.OPT_INDENT_2).decode()
+        )
         return EX_OK
     if not entries:
         print("no dead letters")

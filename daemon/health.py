@@ -107,7 +107,9 @@ class HealthServer:
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
         except OSError as exc:
-            raise OSError(exc.errno, f"health listener cannot bind {host}:{port}: {exc.strerror}") from exc
+            error = OSError(f"health listener cannot bind {host}:{port}: {exc.strerror or exc}")
+            error.errno = exc.errno
+            raise error from exc
         self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
         task_status.started(self.port)
         async with listener:
@@ -128,7 +130,7 @@ class HealthServer:
 
     async def _serve_connection(self, stream: SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+        for n in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
             with anyio.move_on_after(self.request_timeout_s) as scope:
                 try:
                     request = await self._read_request(conn, stream)
@@ -138,7 +140,8 @@ class HealthServer:
                     return
             if scope.cancelled_caught or request is None:
                 return  # a slow or silent client: close
-            await self._respond(conn, stream, request)
+            # The last request a connection may carry says so, so a keep-alive client does not race the close.
+            await self._respond(conn, stream, request, last=n == MAX_REQUESTS_PER_CONNECTION)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -165,33 +168,24 @@ class HealthServer:
                 return None
             # h11.Data (a body we ignore) loops on
 
-    async def _respond(self, conn: h11.Connection, stream: SocketStream, request: h11.Request) -> None:
+    async def _respond(self, conn: h11.Connection, stream: SocketStream, request: h11.Request, *, last: bool) -> None:
         self.served += 1
         method = request.method.decode("ascii", "replace").upper()
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
-        head = method == "HEAD"
+        extra = [("Connection", "close")] if last else []
         if method not in ("GET", "HEAD"):
-            await self._send(
-                conn,
-                stream,
-                405,
-                b"method not allowed\n",
-                "text/plain",
-                head=False,
-                extra=[("Allow", "GET, HEAD")],
-            )
+            status, body, content_type = 405, b"method not allowed\n", "text/plain"
+            extra.append(("Allow", "GET, HEAD"))
         elif path in HEALTH_PATHS:
             started = time.perf_counter()
             report = self.report()
             report.body["response_time_ms"] = round((time.perf_counter() - started) * 1000, 3)
-            await self._send(
-                conn, stream, report.code, orjson.dumps(report.body) + b"\n", "application/json", head=head
-            )
+            status, body, content_type = report.code, orjson.dumps(report.body) + b"\n", "application/json"
         elif path == METRICS_PATH:
-            body = self.metrics()
-            await self._send(conn, stream, 200, body, "text/plain; version=0.0.4; charset=utf-8", head=head)
+            status, body, content_type = 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8"
         else:
-            await self._send(conn, stream, 404, b"not found\n", "text/plain", head=head)
+            status, body, content_type = 404, b"not found\n", "text/plain"
+        await self._send(conn, stream, status, body, content_type, head=method == "HEAD", extra=extra)
 
     async def _send(
         self,

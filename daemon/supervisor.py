@@ -137,6 +137,7 @@ class Daemon:
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
         self._status_line = ""
+        self._started = False  # READY=1 was sent
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -153,14 +154,12 @@ class Daemon:
                     if pool is not None:
                         await self._work(pool, stack)
                     outer.cancel_scope.cancel()
-        except FatalStartError as exc:
-            logger.critical("cannot start: %s", exc)
-            return EXIT_FAILURE
-        except OSError as exc:
-            logger.critical("cannot start: %s", exc)
-            return EXIT_FAILURE
-        except Exception as exc:  # an ExceptionGroup from a part that crashed
-            logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
+        except Exception as exc:  # task groups wrap what their tasks raise in ExceptionGroups
+            cause = _single_cause(exc)
+            if isinstance(cause, (FatalStartError, OSError)) and not self._started:
+                logger.critical("cannot start: %s", cause)
+            else:
+                logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
             return EXIT_FAILURE
         logger.info("stopped")
         return EXIT_OK
@@ -171,6 +170,8 @@ class Daemon:
             return
         self.notifier.stopping()
         self.stopping.set()
+        if self.outbox is not None:
+            self.outbox.wake()  # it may be waiting for new rows; let it see `stopping` now
         if self._work_scope is not None:
             self._work_scope.deadline = anyio.current_time() + self.settings.shutdown_grace_s
 
@@ -267,6 +268,7 @@ class Daemon:
         )
         await self._probe(pool)
         self.notifier.ready(self._status())
+        self._started = True
         logger.info(
             "ready: consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
             settings.consumer,
@@ -504,6 +506,13 @@ class Daemon:
             },
         )
         return self.parts.metrics.exposition()
+
+
+def _single_cause(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member ExceptionGroups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def run_daemon(settings: Settings) -> int:

@@ -9,7 +9,6 @@ import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -21,6 +20,8 @@ from tests.support.servers import TestServers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+
+    import asyncpg
 
 _SERVERS: TestServers | None = None
 

@@ -30,6 +30,11 @@ BEGIN
         CREATE INDEX idx_class_watches_user_id ON public.class_watches (user_id);
         CREATE INDEX idx_class_watches_class_nbr ON public.class_watches (class_nbr);
         CREATE INDEX idx_class_watches_class_nbr_term ON public.class_watches (class_nbr, term);
+        -- The original's partial indexes for the two parity groups of a tick.
+        CREATE INDEX idx_class_watches_even ON public.class_watches (class_nbr, term)
+            WHERE right(class_nbr, 1) IN ('0', '2', '4', '6', '8');
+        CREATE INDEX idx_class_watches_odd ON public.class_watches (class_nbr, term)
+            WHERE right(class_nbr, 1) IN ('1', '3', '5', '7', '9');
     END IF;
 
     IF to_regclass('public.class_states') IS NULL THEN

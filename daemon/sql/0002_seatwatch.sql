@@ -75,7 +75,7 @@ RETURNS TABLE (term text, class_nbr text)
 LANGUAGE plpgsql STABLE SET search_path = public AS $$
 #variable_conflict use_column
 BEGIN
-    IF p_group NOT IN ('even', 'odd', 'all') THEN
+    IF p_group IS NULL OR p_group NOT IN ('even', 'odd', 'all') THEN
         RAISE EXCEPTION 'group must be even, odd or all, got %', p_group;
     END IF;
     RETURN QUERY
@@ -208,7 +208,7 @@ BEGIN
         FROM class_watches w
         JOIN auth.users u ON u.id = w.user_id
         LEFT JOIN user_profiles p ON p.user_id = w.user_id
-        CROSS JOIN unnest(p_types) AS t(type)
+        CROSS JOIN (SELECT DISTINCT u.type FROM unnest(p_types) AS u(type)) AS t
         WHERE w.term = p_term AND w.class_nbr = p_class_nbr
           AND u.email IS NOT NULL AND u.email <> ''
           AND COALESCE(p.notifications_enabled, true)

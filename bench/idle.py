@@ -1,0 +1,212 @@
+"""What an idle daemon costs: top-level Redis commands per day (MONITOR on a private redis-server), and RSS.
+
+    .venv/bin/python bench/idle.py [--minutes 12] [--sections 0]
+
+A real `seatwatch run` process with default settings (cron 0,30 in America/Phoenix, concurrency 4) against a
+private redis-server (used by nothing else, so every command MONITOR sees is the daemon's) and a scratch
+database on the local Postgres. Health is probed every 5 s the whole time, as a monitor would. Ticks are
+counted at their real cadence: the daemon's own ticks during the window are measured as they happen, and the
+projection adds 48 ticks a day at the cost a tick was measured to have (a manual `seatwatch tick` run under
+MONITOR when none fell in the window).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder would come first on sys.path, and bench/queue.py would shadow the
+# standard library's queue module; the project root goes there instead.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+import asyncpg
+import httpx
+import psutil
+
+from daemon import db
+from daemon.embedded import RedisServer, free_port
+from tests.support.stubs import ScraperStub
+
+ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<cmd>[^"]+)"')
+
+
+class Monitor:
+    """MONITOR on its own connection; counts top-level commands (not those run inside scripts)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.lines: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        buffer = b""
+        self.sock.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\r\n")
+            for raw in complete:
+                text = raw.decode(errors="replace").lstrip("+")
+                match = LINE.match(text)
+                if match and match["client"] != "lua":
+                    self.lines.append((time.time(), match["cmd"].upper()))
+
+    def commands(self, since: float = 0.0, until: float = float("inf")) -> collections.Counter[str]:
+        return collections.Counter(cmd for at, cmd in self.lines if since <= at < until)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+FREE = {"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"}
+
+
+def billable(counter: collections.Counter[str]) -> int:
+    return sum(n for cmd, n in counter.items() if cmd not in FREE)
+
+
+async def scratch_database(sections: int) -> str:
+    name = f"bench_idle_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    conn = await db.connect(url)
+    await db.migrate(conn)
+    for i in range(sections):
+        user = uuid.uuid4()
+        await conn.execute("INSERT INTO auth.users (id, email) VALUES ($1, $2)", user, f"u{i}@example.edu")
+        await conn.execute(
+            "INSERT INTO class_watches (user_id, term, subject, catalog_nbr, class_nbr) "
+            "VALUES ($1, '2261', 'CSE', '240', $2)",
+            user,
+            str(20000 + i),
+        )
+    await conn.close()
+    return url
+
+
+async def drop_database(url: str) -> None:
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    await admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=12.0)
+    parser.add_argument("--sections", type=int, default=0, help="watched sections (0 = a daemon with nothing to do)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+    redis = RedisServer(work / "redis").start()
+    scraper = ScraperStub().start()
+    for i in range(args.sections):
+        scraper.set("2261", str(20000 + i), seats=0)
+    database_url = asyncio.run(scratch_database(args.sections))
+    health_port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis.url,
+        "SCRAPER_URL": scraper.url,
+        "SCRAPER_SECRET_TOKEN": "test-scraper-token-4f1d",
+        "SEATWATCH_EMAIL_TRANSPORT": "file",
+        "SEATWATCH_OUTBOX_DIR": str(work / "outbox"),
+        "SEATWATCH_HEALTH_LISTEN": f"127.0.0.1:{health_port}",
+        "SEATWATCH_CONSUMER": "bench-idle",
+    }
+    monitor = Monitor(redis.port)
+    log = (work / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
+    try:
+        client = httpx.Client(timeout=5)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"http://127.0.0.1:{health_port}/health").status_code in (200, 503):
+                    break
+            time.sleep(0.2)
+        start_cost = billable(monitor.commands())
+        window_start = time.time()
+        window_s = args.minutes * 60
+        rss_peak = 0
+        probes = 0
+        while time.time() < window_start + window_s:
+            client.get(f"http://127.0.0.1:{health_port}/api/monitoring/health")
+            probes += 1
+            rss_peak = max(rss_peak, psutil.Process(daemon.pid).memory_info().rss)
+            time.sleep(5)
+        window_end = time.time()
+        in_window = monitor.commands(window_start, window_end)
+        rss_end = psutil.Process(daemon.pid).memory_info().rss
+
+        # One tick's cost, measured under MONITOR: the daemon's own when one fell in the window, else a manual one.
+        ticks_in_window = (work / "daemon.log").read_text().count("daemon.scheduler: tick ")
+        tick_start = time.time()
+        tick = subprocess.run(
+            [sys.executable, "-m", "daemon", "tick"], env=env, capture_output=True, text=True, cwd=ROOT
+        )
+        time.sleep(1)
+        tick_cost = billable(monitor.commands(tick_start, time.time()))
+        status = subprocess.run(
+            [sys.executable, "-m", "daemon", "status"], env=env, capture_output=True, text=True, cwd=ROOT
+        ).stdout
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        log.close()
+        monitor.close()
+        scraper.stop()
+        redis.stop()
+        asyncio.run(drop_database(database_url))
+
+    total = billable(in_window)
+    per_day_window = total * 86400 / window_s
+    print(f"idle daemon, private redis-server, {args.sections} watched sections, window {window_s / 60:.1f} min")
+    print(f"health probes during the window: {probes} (every 5 s)")
+    print(f"start-up commands (script loads, group): {start_cost}")
+    print(f"top-level billable commands in the window: {total}  {dict(in_window)}")
+    print(
+        f"daemon ticks in the window: {ticks_in_window}; one tick measured at {tick_cost} commands "
+        f"(manual tick: {tick.stdout.strip() or tick.stderr.strip()})"
+    )
+    if ticks_in_window:
+        projected = per_day_window
+        how = "window rate (it includes real ticks)"
+    else:
+        projected = per_day_window + 48 * tick_cost
+        how = "window rate + 48 ticks/day x measured tick cost"
+    print(f"projected per day: {projected:.0f} commands ({how}); target <= 500")
+    print(f"RSS: peak {rss_peak / 2**20:.1f} MB, end {rss_end / 2**20:.1f} MB; target <= 50 MB")
+    print("\nseatwatch status afterwards:\n" + status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""`seatwatch demo` with nothing configured: embedded servers, simulated scraper, emails as files, health."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_with_nothing_configured(tmp_path: Path) -> None:
+    """Without REDIS_URL/DATABASE_URL the demo starts embedded servers, answers health 200 and writes emails."""
+    os.chmod(tmp_path, 0o755)  # noqa: S103 - pgserver runs postgres as its own user when the tests run as root
+    env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "HOME": str(tmp_path)}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "demo", "--dir", str(tmp_path / "demo"), "--port", "0", "--duration", "25"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert demo.stdout is not None
+    lines: list[str] = []
+    health_url = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the banner ends with the "stop" line
+        line = demo.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"health\s+(http://127\.0\.0\.1:\d+/api/monitoring/health)", line)
+        if match:
+            health_url = match.group(1)
+        if line.startswith("  stop"):
+            break
+    assert health_url is not None, "".join(lines)
+    assert any(line.startswith("  servers  embedded Redis and PostgreSQL") for line in lines), lines
+
+    outbox = tmp_path / "demo" / "outbox"
+    status = None
+    while time.monotonic() < deadline and not (status == 200 and list(outbox.glob("*.eml"))):
+        try:
+            status = httpx.get(health_url, timeout=2).status_code
+        except httpx.HTTPError:
+            status = None
+        time.sleep(0.5)
+    assert status == 200
+    rest, _ = demo.communicate(timeout=90)
+    assert demo.returncode == 0, "".join(lines) + rest
+
+    messages = [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default) for p in sorted(outbox.glob("*.eml"))
+    ]
+    assert messages
+    recipients = {m["To"] for m in messages}
+    assert "muted@example.edu" not in recipients  # the demo's student with notifications off
+    assert all(m["List-Unsubscribe"].startswith("<http://localhost:3000/api/unsubscribe?token=") for m in messages)
+    subjects = {m["Subject"] for m in messages}
+    assert any(s.startswith("🎉 Seat Available:") for s in subjects)
