@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
@@ -99,7 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _async(fn: Callable[[], Awaitable[int]]) -> int:
-    return anyio.run(fn)
+    """Run an operator command; Redis or Postgres being away is a one-line failure, not a traceback."""
+    import asyncpg
+    import redis.exceptions
+
+    from daemon.config import redact_url
+
+    try:
+        return anyio.run(fn)
+    except (redis.exceptions.RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        print(f"seatwatch: {exc.__class__.__name__}: {redact_url(str(exc))}", file=sys.stderr)
+        return EX_FAILURE
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -141,15 +151,11 @@ def _check(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_ALL)
     from daemon.checks import run_checks
 
-    results = _async_value(lambda: run_checks(settings))
+    results = anyio.run(run_checks, settings)
     width = max(len(name) for name, _, _ in results)
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name.ljust(width)}  {detail}")
     return EX_OK if all(ok for _, ok, _ in results) else EX_FAILURE
-
-
-def _async_value(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return anyio.run(fn)
 
 
 def _tick(args: argparse.Namespace) -> int:

@@ -58,15 +58,55 @@ class Secret:
         return bool(self._value)
 
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# A URL with its scheme, up to the next blank or quote. Its user info ends at the LAST '@' (a password may
+# hold '/' or '@'; a host holds neither), and its password starts after the first ':' of the user info.
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"<>]+)")
 # libpq and redis-py also take the password as a parameter: ``?password=...`` or ``password=...`` (keyword DSN).
 _PASSWORD_PARAM = re.compile(r"(?i)(?P<key>\bpassword=)(?P<pw>[^&\s'\"]+)")
 
 
-def redact_url(url: str) -> str:
-    """``redis://default:hunter2@host`` -> ``redis://default:***@host``, and ``password=x`` -> ``password=***``."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
+    """(user, password, host and beyond) of what follows ``scheme://``, or None without a password."""
+    at = rest.rfind("@")
+    if at < 0 or ":" not in rest[:at]:
+        return None
+    user, password = rest[:at].split(":", 1)
+    return user, password, rest[at + 1 :]
+
+
+def _redact_one(scheme: str, rest: str) -> str:
+    parts = _split_userinfo(rest)
+    if parts is None:
+        return scheme + rest
+    user, _, host = parts
+    return f"{scheme}{user}:***@{host}"
+
+
+_WHOLE_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>\S*)")
+
+
+def redact_url(text: str) -> str:
+    """``redis://default:hunter2@host`` -> ``redis://default:***@host``, and ``password=x`` -> ``password=***``.
+
+    A whole value (a configured URL) is taken as one URL, whatever its password holds; in free text (a log
+    line, an error) a URL ends at a blank or a quote.
+    """
+    whole = _WHOLE_URL.fullmatch(text)
+    if whole:
+        text = _redact_one(whole["scheme"], whole["rest"])
+    else:
+        text = _URL.sub(lambda m: _redact_one(m["scheme"], m["rest"]), text)
     return _PASSWORD_PARAM.sub(lambda m: f"{m['key']}***", text)
+
+
+def url_passwords(url: str) -> list[str]:
+    """Every password written into the URL value ``url`` (user info or ``password=``), for the log scrubber."""
+    found = [m["pw"] for m in _PASSWORD_PARAM.finditer(url)]
+    whole = _WHOLE_URL.fullmatch(url)
+    parts = _split_userinfo(whole["rest"]) if whole else None
+    if parts is not None and parts[1]:
+        found.append(parts[1])
+    return found
 
 
 # The sets of variables each command needs; anything else may be absent for that command.
@@ -457,10 +497,7 @@ def secret_values(settings: Settings) -> list[str]:
             found.append(value.reveal())
     # The password inside a URL is a secret too, even when the URL itself is shown redacted.
     for url in (settings.database_url.reveal(), settings.redis_url.reveal()):
-        match = _USERINFO.search(url)
-        if match and match["pw"]:
-            found.append(match["pw"])
-        found += [m["pw"] for m in _PASSWORD_PARAM.finditer(url)]
+        found += url_passwords(url)
     return [s for s in found if len(s) >= 4]
 
 

@@ -236,7 +236,7 @@ async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, in
                count(*) FILTER (WHERE status = 'failed') AS failed,
                count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h
         FROM seatwatch_outbox
-        WHERE status <> 'sent'
+        WHERE status IN ('pending', 'failed')
         """
     )
     assert row is not None

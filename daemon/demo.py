@@ -1,9 +1,11 @@
 """``seatwatch demo``: the whole pipeline on one machine with nothing configured.
 
 Without ``REDIS_URL``/``DATABASE_URL`` it starts embedded Redis and PostgreSQL servers (the ``embedded``
-extra), migrates, seeds a handful of watches (and the legacy ``class_states`` rows the web app would have
-written, so the first tick already notifies), runs a simulated scraper on loopback whose seats open and
-fill as the minutes pass, writes emails as .eml files, serves the health endpoint and ticks every minute.
+extra); with them, it uses a database ``seatwatch_demo`` of its own on that server and Redis keys under
+``seatwatch-demo:``, never the configured database itself. It migrates, seeds a handful of watches (and the
+legacy ``class_states`` rows the web app would have written, so the first tick already notifies), runs a
+simulated scraper on loopback whose seats open and fill as the minutes pass, writes emails as .eml files,
+serves the health endpoint and ticks every minute.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import orjson
@@ -164,6 +167,20 @@ async def seed(database_url: str) -> None:
         await conn.close()
 
 
+async def demo_database(database_url: str) -> str:
+    """``seatwatch_demo`` on the server of ``database_url``, created if missing; its URL."""
+    parts = urlsplit(database_url)
+    demo_url = urlunsplit((parts.scheme, parts.netloc, "/seatwatch_demo", parts.query, parts.fragment))
+    conn = await db.connect(database_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'seatwatch_demo'")
+        if not exists:
+            await conn.execute("CREATE DATABASE seatwatch_demo")
+    finally:
+        await conn.close()
+    return demo_url
+
+
 def _port(preferred: int) -> int:
     if preferred == 0:
         return embedded.free_port()
@@ -183,8 +200,19 @@ def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, s
     logs.configure(fmt="text", level="info")
     with contextlib.ExitStack() as stack:
         redis_url, database_url = env.get("REDIS_URL"), env.get("DATABASE_URL")
-        where = "REDIS_URL and DATABASE_URL"
-        if not (redis_url and database_url):
+        where = "REDIS_URL (keys under seatwatch-demo:) and a database seatwatch_demo beside DATABASE_URL's"
+        if redis_url and database_url:
+            # Never the configured database itself: the demo seeds fake students and would send (to files)
+            # the real outbox. It works in a database of its own on the same server.
+            try:
+                database_url = anyio.run(demo_database, database_url)
+            except Exception as exc:
+                print(
+                    f"seatwatch demo: cannot create a demo database beside DATABASE_URL ({exc}); "
+                    "unset REDIS_URL and DATABASE_URL to use embedded servers"
+                )
+                return 1
+        else:
             try:
                 redis_url, database_url = stack.enter_context(embedded.servers(folder / "servers"))
             except embedded.EmbeddedUnavailable as exc:

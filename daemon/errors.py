@@ -88,11 +88,3 @@ class PermanentJobError(JobError):
 
 class LockNotOwned(SeatwatchError):
     """The cron lock is held by someone else, or was lost (expired) before release."""
-
-
-class CircuitOpen(SeatwatchError):
-    """The scraper's circuit breaker denies calls for ``retry_after_s`` more seconds."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"circuit breaker is open; retry in {retry_after_s:.0f}s")
-        self.retry_after_s = retry_after_s

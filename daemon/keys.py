@@ -41,6 +41,10 @@ class Keys:
         """Hash job id -> payload of the delayed job."""
         return self._k("queue", "delayed", "payloads")
 
+    def cycle_reply(self, cycle_id: str) -> str:
+        """The cached reply of one queue_cycle call, so a retry after a lost reply applies nothing twice."""
+        return self._k("queue", "cycle", cycle_id)
+
     @property
     def dead_letters(self) -> str:
         """The dead-letter stream: jobs that failed every attempt, were malformed or permanent."""

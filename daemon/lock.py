@@ -83,9 +83,16 @@ class CronLock:
         self.ttl_ms = int(ttl_s * 1000)
         self.holder = holder
 
-    async def acquire(self, *, slot: str | None = None) -> Grant:
-        """Take the lock or raise ``LockBusy`` (or ``SlotDone`` when ``slot`` already ran). One call."""
-        owner = f"{self.holder}:{secrets.token_hex(8)}"
+    def new_owner(self) -> str:
+        """A fresh owner token: the holder's name and a random part only this caller knows."""
+        return f"{self.holder}:{secrets.token_hex(8)}"
+
+    async def acquire(self, *, slot: str | None = None, owner: str | None = None) -> Grant:
+        """Take the lock or raise ``LockBusy`` (or ``SlotDone`` when ``slot`` already ran). One call.
+
+        Retrying with the same ``owner`` after a lost reply gets the lock that first call took.
+        """
+        owner = owner or self.new_owner()
         keys = [self.keys.lock, self.keys.lock_meta, self.keys.lock_fence]
         args: list[Any] = [owner, self.ttl_ms, self.holder]
         if slot is not None:

@@ -219,11 +219,19 @@ def _instructor_body(obs: Observation, class_nbr: str, catalog_url: str, unsubsc
 
 
 class EmailRetry(EmailError):
-    """Try the same batch again later (429, 5xx, network, a key in use)."""
+    """Try the same batch again later (429, 5xx, network, a key in use).
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    ``ambiguous``: the batch may have been delivered (no answer, or a 5xx). ``pause_all``: the cause is
+    not this batch (a rate limit, our API key), so no other batch should go before ``retry_after_s``.
+    """
+
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, ambiguous: bool, pause_all: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.ambiguous = ambiguous
+        self.pause_all = pause_all
 
 
 class EmailRejected(EmailError):
@@ -268,21 +276,23 @@ class ResendTransport:
         try:
             response = await self.client.post(self.url, content=body, headers=headers, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
-            raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}") from exc
+            # A timeout or a reset may come after Resend accepted the batch: delivery is unknown.
+            raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}", ambiguous=True) from exc
         status = response.status_code
         if 200 <= status < 300:
             return _provider_ids(response.content, len(emails))
         reason = _resend_error(response.content)
         retry_after = response.headers.get("retry-after")
-        if status == 429 or status >= 500:
-            raise EmailRetry(
-                f"Resend answered {status}: {reason}", parse_retry_after(retry_after) if retry_after else None
-            )
+        wait_s = parse_retry_after(retry_after) if retry_after else None
+        if status == 429:
+            raise EmailRetry(f"Resend answered 429: {reason}", wait_s or 60.0, ambiguous=False, pause_all=True)
+        if status >= 500:
+            raise EmailRetry(f"Resend answered {status}: {reason}", wait_s, ambiguous=True)
         if status == 409 and "concurrent" in reason:
-            raise EmailRetry(f"Resend is still processing this key: {reason}", 5.0)
+            raise EmailRetry(f"Resend is still processing this key: {reason}", 5.0, ambiguous=True)
         if status in (401, 403):
             # Our key, not the emails: keep them and keep trying (status and health show the failure).
-            raise EmailRetry(f"Resend refused the API key ({status}): {reason}", 300.0)
+            raise EmailRetry(f"Resend refused the API key ({status}): {reason}", 300.0, ambiguous=False, pause_all=True)
         raise EmailRejected(f"Resend answered {status}: {reason}")
 
 

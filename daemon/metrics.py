@@ -60,6 +60,7 @@ class Metrics:
             ["purpose"],
             registry=r,
         )
+        self._jobs_seen: dict[str, int] = {}
         self.snapshot_age = Gauge(
             "seatwatch_snapshot_age_seconds", "Age of the figures behind the gauges", ["source"], registry=r
         )
@@ -72,6 +73,7 @@ class Metrics:
         outbox: Mapping[str, int] | None,
         redis_commands: Mapping[str, int],
         ages: Mapping[str, float | None],
+        jobs: Mapping[str, int] | None = None,
     ) -> None:
         if queue is not None:
             for state, value in (
@@ -89,6 +91,12 @@ class Metrics:
                 self.outbox_rows.labels(status).set(outbox.get(status, 0))
         for purpose, count in redis_commands.items():
             self.redis_commands.labels(purpose).set(count)
+        for outcome, count in (jobs or {}).items():
+            # The consumer keeps running totals; the counter moves by what happened since the last look.
+            delta = count - self._jobs_seen.get(outcome, 0)
+            if delta > 0:
+                self.jobs.labels(outcome).inc(delta)
+            self._jobs_seen[outcome] = count
         for source, age in ages.items():
             if age is not None:
                 self.snapshot_age.labels(source).set(age)

@@ -10,10 +10,13 @@ and is never re-formed into a different batch.
 * 429, 5xx, network errors: the batch waits (Retry-After, else exponential backoff) and goes again.
 * 400/422: nothing was sent. A batch of several rows is split into single-row batches with new keys, so
   one bad address cannot sink the others; a single row is marked failed with the reason.
-* A batch unsent 23 hours after it formed is marked failed rather than retried, because Resend forgets
-  idempotency keys after 24 hours and a late retry could then deliver twice.
+* A batch still unsent 23 hours after it formed cannot keep its key much longer: Resend forgets keys after
+  24 hours. If no attempt could have delivered it (every answer was a 429, 401/403 or 409), its rows are
+  re-formed into a new batch under a new key. If some attempt might have (a timeout, a reset, a 5xx), a
+  new key could deliver twice, so its rows are marked failed instead, visible in status and health.
 
-Requests are paced to Resend's rate limit (2 per second by default). Sent rows are kept 30 days.
+Requests are paced to Resend's rate limit (2 per second by default); a 429 or a refused API key pauses
+every batch, not just the one that got it. Sent rows are kept 30 days.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
     from daemon.mailer import Transport
     from daemon.metrics import Metrics
+    from daemon.systemd import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class Batch:
     key: str
     attempts: int
     age_s: float
+    ambiguous: bool
     emails: list[OutgoingEmail]
     types: list[str]
 
@@ -64,18 +69,21 @@ class OutboxSender:
         metrics: Metrics,
         *,
         owner: str = "seatwatch",
+        progress: Progress | None = None,
         requests_per_s: float = 2.0,
         retry_base_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.owner = owner
+        self.progress = progress
         self.transport = transport
         self.metrics = metrics
         self.min_interval_s = 1.0 / requests_per_s
         self.retry_base_s = retry_base_s
         self.clock = clock
         self._last_request = -1e9
+        self._not_before = -1e9  # a 429 or a refused key pauses every batch until then
         self._wake = anyio.Event()
         self.failing = False  # the last request did not go through (health: degraded)
         self.last_error: str | None = None
@@ -91,13 +99,19 @@ class OutboxSender:
         db_down = False
         leases_released = False
         while not stopping.is_set():
+            # Created before sending, so a wake() during a long send is not lost.
+            self._wake = anyio.Event()
+            if self.progress is not None:
+                self.progress.expect("outbox", POLL_S + 120)
             try:
                 if not leases_released:
                     await self.release_own_leases()
                     leases_released = True
                 while await self.send_one():
                     if stopping.is_set():
-                        return
+                        break
+                    if self.progress is not None:
+                        self.progress.expect("outbox", 120)
                 if self.clock() >= next_purge:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
@@ -112,9 +126,13 @@ class OutboxSender:
             if db_down:
                 logger.info("outbox: Postgres is back")
             db_down, delay = False, 1.0
-            self._wake = anyio.Event()
-            with anyio.move_on_after(POLL_S):
+            if stopping.is_set():
+                break
+            paused_s = self._not_before - self.clock()
+            with anyio.move_on_after(min(POLL_S, paused_s) if paused_s > 0 else POLL_S):
                 await self._wake.wait()
+        if self.progress is not None:
+            self.progress.done("outbox")
 
     async def release_own_leases(self) -> int:
         """At start: batches this sender (by name) had leased died with its previous process; send them now.
@@ -148,6 +166,8 @@ class OutboxSender:
 
     async def send_one(self) -> bool:
         """Lease one due batch (forming one if none is waiting) and send it. False when nothing is due."""
+        if self.clock() < self._not_before:
+            return False
         batch = await self._lease_due_batch() or await self._form_batch()
         if batch is None:
             return False
@@ -155,7 +175,9 @@ class OutboxSender:
         try:
             ids = await self.transport.send(batch.key, batch.emails)
         except EmailRetry as exc:
-            await self._retry(batch, str(exc), exc.retry_after_s)
+            if exc.pause_all and exc.retry_after_s:
+                self._not_before = self.clock() + exc.retry_after_s
+            await self._retry(batch, str(exc), exc.retry_after_s, ambiguous=exc.ambiguous)
         except EmailRejected as exc:
             await self._rejected(batch, str(exc))
         else:
@@ -172,7 +194,7 @@ class OutboxSender:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """
-                SELECT key, attempts, extract(epoch FROM now() - created_at) AS age_s
+                SELECT key, attempts, ambiguous, extract(epoch FROM now() - created_at) AS age_s
                 FROM seatwatch_outbox_batches
                 WHERE status = 'pending' AND next_attempt_at <= now()
                   AND (leased_until IS NULL OR leased_until < now())
@@ -193,7 +215,7 @@ class OutboxSender:
                 LEASE_S,
                 self.owner,
             )
-            return await self._load(conn, row["key"], row["attempts"] + 1, float(row["age_s"]))
+            return await self._load(conn, row["key"], row["attempts"] + 1, float(row["age_s"]), row["ambiguous"])
 
     async def _form_batch(self) -> Batch | None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -222,9 +244,9 @@ class OutboxSender:
                 self.owner,
             )
             await conn.execute("UPDATE seatwatch_outbox SET batch_key = $1 WHERE id = ANY($2::bigint[])", key, ids)
-            return await self._load(conn, key, 1, 0.0)
+            return await self._load(conn, key, 1, 0.0, False)
 
-    async def _load(self, conn: asyncpg.Connection, key: str, attempts: int, age_s: float) -> Batch:
+    async def _load(self, conn: asyncpg.Connection, key: str, attempts: int, age_s: float, ambiguous: bool) -> Batch:
         rows = await conn.fetch(
             "SELECT id, payload, notification_type FROM seatwatch_outbox WHERE batch_key = $1 ORDER BY id",
             key,
@@ -233,6 +255,7 @@ class OutboxSender:
             key=key,
             attempts=attempts,
             age_s=age_s,
+            ambiguous=ambiguous,
             emails=[OutgoingEmail(r["id"], r["payload"]) for r in rows],
             types=[r["notification_type"] for r in rows],
         )
@@ -261,10 +284,17 @@ class OutboxSender:
         self.failing, self.last_error = False, None
         logger.info("outbox: batch %s sent (%d emails, attempt %d)", batch.key, len(batch.emails), batch.attempts)
 
-    async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None) -> None:
+    async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None, *, ambiguous: bool) -> None:
         self.failing, self.last_error = True, reason
         if batch.age_s >= GIVE_UP_AFTER_S:
-            await self._fail_rows(batch, f"unsent after {batch.age_s / 3600:.0f}h, last error: {reason}")
+            if batch.ambiguous or ambiguous:
+                await self._fail_rows(
+                    batch,
+                    f"unsent after {batch.age_s / 3600:.0f}h and maybe delivered once; "
+                    f"not resent under a new key; last error: {reason}",
+                )
+            else:
+                await self._reform(batch, f"key about to expire after {batch.age_s / 3600:.0f}h; {reason}")
             return
         delay_s = (
             retry_after_s if retry_after_s is not None else retry_delay_s(batch.attempts, self.retry_base_s, cap_s=600)
@@ -273,12 +303,14 @@ class OutboxSender:
             await conn.execute(
                 """
                 UPDATE seatwatch_outbox_batches
-                SET next_attempt_at = now() + make_interval(secs => $2), leased_until = NULL, last_error = $3
+                SET next_attempt_at = now() + make_interval(secs => $2), leased_until = NULL, last_error = $3,
+                    ambiguous = ambiguous OR $4
                 WHERE key = $1
                 """,
                 batch.key,
                 delay_s,
                 reason,
+                ambiguous,
             )
         logger.warning(
             "outbox: batch %s (%d emails) attempt %d failed, same batch again in %.0fs: %s",
@@ -289,16 +321,14 @@ class OutboxSender:
             reason,
         )
 
-    async def _rejected(self, batch: Batch, reason: str) -> None:
-        if len(batch.emails) == 1:
-            await self._fail_rows(batch, reason)
-            return
-        # Nothing of this batch was sent, so its rows may go again under new keys, each on its own.
+    async def _reform(self, batch: Batch, reason: str, *, solo: bool = False) -> None:
+        """Nothing of this batch was delivered: its rows go back to pending, to be batched under a new key."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE seatwatch_outbox SET batch_key = NULL, solo = true, last_error = $2 WHERE batch_key = $1",
+                "UPDATE seatwatch_outbox SET batch_key = NULL, solo = solo OR $3, last_error = $2 WHERE batch_key = $1",
                 batch.key,
                 reason,
+                solo,
             )
             await conn.execute(
                 "UPDATE seatwatch_outbox_batches SET status = 'failed', leased_until = NULL, last_error = $2 "
@@ -307,11 +337,19 @@ class OutboxSender:
                 reason,
             )
         logger.warning(
-            "outbox: batch %s rejected (%s); its %d emails go again one by one",
+            "outbox: batch %s retired (%s); its %d emails go again under a new key",
             batch.key,
             reason,
             len(batch.emails),
         )
+
+    async def _rejected(self, batch: Batch, reason: str) -> None:
+        if len(batch.emails) == 1:
+            await self._fail_rows(batch, reason)
+            return
+        # Nothing of this batch was sent, so its rows may go again under new keys, each on its own, so that
+        # one bad address cannot sink the others.
+        await self._reform(batch, reason, solo=True)
 
     async def _fail_rows(self, batch: Batch, reason: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

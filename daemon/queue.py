@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
@@ -78,20 +79,40 @@ class Malformed:
     reason: str
 
 
-def parse_entry(entry_id: str, fields: dict[str, str]) -> Job | Malformed:
-    term, class_nbr = fields.get("term", ""), fields.get("class_nbr", "")
-    if not term or not class_nbr:
-        return Malformed(entry_id, fields, "malformed entry: no term or class_nbr")
-    if fields.get("id") != f"{term}-{class_nbr}":
-        return Malformed(entry_id, fields, "malformed entry: id does not match term and class_nbr")
+MAX_ATTEMPTS_FIELD: Final = 1000
+MAX_ENQUEUED_MS: Final = 2**53  # anything larger is not a time, and would not survive Lua's doubles
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, str]) -> Job | Malformed:
+    """A job from a stream entry, or why it is not one. Never raises: whatever is in the stream is data."""
+    eid = _text(entry_id) if isinstance(entry_id, str) else entry_id.decode("ascii", "replace")
     try:
-        attempts = int(fields.get("attempts", "0"))
-        enqueued_ms = int(fields.get("enqueued_ms", "0"))
+        text = {_text(k): _text(v) for k, v in fields.items()}
+    except UnicodeDecodeError:
+        raw = {
+            (k.decode("utf-8", "backslashreplace") if isinstance(k, bytes) else k): (
+                v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
+            )
+            for k, v in fields.items()
+        }
+        return Malformed(eid, raw, "malformed entry: not UTF-8")
+    term, class_nbr = text.get("term", ""), text.get("class_nbr", "")
+    if not term or not class_nbr:
+        return Malformed(eid, text, "malformed entry: no term or class_nbr")
+    if text.get("id") != f"{term}-{class_nbr}":
+        return Malformed(eid, text, "malformed entry: id does not match term and class_nbr")
+    try:
+        attempts = int(text.get("attempts", "0"))
+        enqueued_ms = int(text.get("enqueued_ms", "0"))
     except ValueError:
-        return Malformed(entry_id, fields, "malformed entry: attempts or enqueued_ms is not a number")
-    if attempts < 0:
-        return Malformed(entry_id, fields, "malformed entry: negative attempts")
-    return Job(entry_id, fields["id"], term, class_nbr, attempts, enqueued_ms)
+        return Malformed(eid, text, "malformed entry: attempts or enqueued_ms is not a number")
+    if not 0 <= attempts <= MAX_ATTEMPTS_FIELD or not 0 <= enqueued_ms <= MAX_ENQUEUED_MS:
+        return Malformed(eid, text, "malformed entry: attempts or enqueued_ms out of range")
+    return Job(eid, text["id"], term, class_nbr, attempts, enqueued_ms)
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Ticket:
     job: Job
     trial: str = ""
     breaker: OutcomeKind = "n"
+    read_at: float = 0.0  # when the reader got it (its idle time in Redis counts from about then)
 
     def success(self) -> None:
         self.breaker = "s"
@@ -166,16 +188,6 @@ class EnqueueResult:
 
 
 @dataclass(frozen=True)
-class CycleResult:
-    admitted: int
-    trials: list[str]
-    retry_after_s: float
-    deferred: int
-    breaker: BreakerState
-    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
-
-
-@dataclass(frozen=True)
 class QueueStats:
     waiting: int
     pending: int
@@ -194,6 +206,17 @@ class QueueStats:
             "delayed": self.delayed,
             "dead_letters": self.dead_letters,
         }
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    admitted: int
+    trials: list[str]
+    retry_after_s: float
+    deferred: int
+    breaker: BreakerState
+    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
+    stats: QueueStats  # the queue's figures right after this cycle
 
 
 def _due_in(reply: dict[str, Any], key: str = "next_due_ms") -> float | None:
@@ -278,13 +301,21 @@ class Queue:
         streams: Any = reply or []  # RESP2: [[stream, [(id, fields), ...]], ...]
         for _stream, entries in streams:
             for entry_id, fields in entries:
-                found.append(parse_entry(str(entry_id), dict(fields or {})))
+                found.append(parse_entry(entry_id, dict(fields or {})))
         return found
 
     async def cycle(
-        self, outcomes: Sequence[tuple[str, str]], done: Sequence[Done], read: Sequence[Job]
+        self,
+        outcomes: Sequence[tuple[str, str]],
+        done: Sequence[Done],
+        read: Sequence[Job],
+        *,
+        cycle_id: str | None = None,
     ) -> CycleResult:
-        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call."""
+        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
+
+        Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
+        """
         cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
         payload = {
             "cfg": cfg,
@@ -302,11 +333,13 @@ class Queue:
                 self.keys.dead_letters,
                 self.keys.breaker,
                 self.keys.breaker_trials,
+                self.keys.cycle_reply(cycle_id or secrets.token_hex(8)),
             ],
             [self.keys.group, orjson.dumps(payload).decode()],
             self.redis,
         )
         view = reply["breaker"]
+        pending = int(reply["pending"])
         return CycleResult(
             admitted=int(reply["admitted"]),
             trials=trial_list(reply["trials"]),
@@ -314,6 +347,12 @@ class Queue:
             deferred=int(reply["deferred"]),
             breaker=BreakerState.from_lua(view),
             next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
+            stats=QueueStats(
+                waiting=max(0, int(reply["stream"]) - pending),
+                pending=pending,
+                delayed=int(reply["delayed"]),
+                dead_letters=int(reply["dead_letters"]),
+            ),
         )
 
     async def maintain(self, *, resume: bool = False) -> QueueStats:
@@ -419,7 +458,6 @@ class ConsumerState:
     deferred: int = 0
     dead_lettered: int = 0
     redis_ok: bool = True
-    last_progress: float = field(default_factory=time.monotonic)
 
 
 class Consumer:
@@ -452,6 +490,8 @@ class Consumer:
         self.idle_maintenance_s = idle_maintenance_s
         self.busy_maintenance_s = max(1.0, queue.visibility_timeout_s / 2)
         self.settle_linger_s = settle_linger_s
+        # A finished job is acknowledged well before anyone could take it over as unacknowledged.
+        self.max_unsettled_s = queue.visibility_timeout_s / 3
         self.clock = clock
         self.progress = progress
         self.state = ConsumerState()
@@ -467,6 +507,7 @@ class Consumer:
         self._paused_until = 0.0  # breaker said wait
         self._reader_waiting_on_stream = False
         self._active_since_maintenance = False
+        self._settle_by = float("inf")  # clock time by which the buffered outcomes must be settled
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -496,8 +537,12 @@ class Consumer:
                 if self._running:
                     logger.info("draining: waiting for %d running jobs", self._running)
         finally:
-            with anyio.move_on_after(10, shield=True):
-                await self._flush(final=True)
+            with anyio.move_on_after(15, shield=True):
+                if (self._done or self._outcomes) and await self._cycle([], keep_trying=lambda: False) is None:
+                    logger.warning(
+                        "could not settle %d finished jobs before exit; they are redelivered after restart",
+                        len(self._done),
+                    )
 
     async def _with_redis_retry(self, call: Callable[[], Any], stopping: anyio.Event) -> Any:
         delay = 1.0
@@ -523,7 +568,6 @@ class Consumer:
         if not self.state.redis_ok:
             logger.info("queue: Redis is back")
         self.state.redis_ok = True
-        self.state.last_progress = self.clock()
 
     def _expect(self, loop: str, within_s: float) -> None:
         if self.progress is not None:
@@ -538,6 +582,7 @@ class Consumer:
             pause_s = self._paused_until - self.clock()
             if pause_s > 0:
                 self._reader_waiting_on_stream = True
+                self._expect("reader", pause_s + 60)
                 await anyio.sleep(pause_s)
             free = self.concurrency - self._running
             self._reader_waiting_on_stream = True
@@ -548,6 +593,7 @@ class Consumer:
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 self._reader_waiting_on_stream = False
                 self._redis_down(exc)
+                self._expect("reader", delay + 60)
                 await anyio.sleep(delay)
                 delay = min(30.0, delay * 2)
                 continue
@@ -557,21 +603,26 @@ class Consumer:
             if not entries:
                 continue
             self._active_since_maintenance = True
+            now = self.clock()
             good = [e for e in entries if isinstance(e, Job)]
             for bad in (e for e in entries if isinstance(e, Malformed)):
                 logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
                 self._done.append(Done(bad, "poison", error=bad.reason))
                 self.state.dead_lettered += 1
-            # Shielded: once Redis admitted these jobs they must be started, or they would sit unacked
-            # until the visibility timeout.
+            # Shielded: once Redis admitted these jobs they must be started (or handed back), or they would
+            # sit unacknowledged until the visibility timeout.
             with anyio.CancelScope(shield=True):
-                result = await self._cycle(good, stopping)
+                result = await self._cycle(good, keep_trying=lambda: not stopping.is_set())
                 if result is not None:
                     for i, job in enumerate(good[: result.admitted]):
+                        ticket = Ticket(job, trial=result.trials[i] if i < len(result.trials) else "", read_at=now)
                         self._running += 1
                         self.state.running = self._running
-                        trial = result.trials[i] if i < len(result.trials) else ""
-                        jobs.start_soon(self._run, Ticket(job, trial=trial))
+                        if stopping.is_set():
+                            # Admitted as the stop came: hand it straight back, no attempt spent.
+                            self._settled(ticket, Done(job, "requeue", attempts=job.attempts))
+                        else:
+                            jobs.start_soon(self._run, ticket)
             if result is not None and result.admitted < len(good):
                 self.state.deferred += result.deferred
                 self._paused_until = self.clock() + max(0.1, result.retry_after_s)
@@ -593,33 +644,50 @@ class Consumer:
 
     # -- settling ------------------------------------------------------------------------------------------
 
-    async def _cycle(self, read: Sequence[Job], stopping: anyio.Event | None = None) -> CycleResult | None:
-        """One queue_cycle call with everything buffered; buffers go back if Redis fails."""
-        delay = 0.5
-        while True:
-            async with self._cycle_lock:
-                done, outcomes = self._done, self._outcomes
-                self._done, self._outcomes = [], []
-                try:
-                    result = await self.queue.cycle(outcomes, done, read)
-                except REDIS_ERRORS as exc:
-                    self._done[:0], self._outcomes[:0] = done, outcomes
-                    self._redis_down(exc)
-                else:
+    async def _cycle(self, read: Sequence[Job], *, keep_trying: Callable[[], bool]) -> CycleResult | None:
+        """Settle everything buffered and admit ``read``: one queue_cycle call, retried while ``keep_trying()``.
+
+        The call itself is shielded, and a retry resends the same buffers under the same cycle id, which the
+        script answers from its reply cache if the first call did run (its answer lost): so neither a
+        cancellation nor a lost reply can drop an outcome or apply one twice. Whatever was not settled goes
+        back into the buffers. None when it gave up.
+        """
+        async with self._cycle_lock:
+            done, outcomes = self._done, self._outcomes
+            self._done, self._outcomes = [], []
+            self._settle_by = float("inf")
+            cycle_id = secrets.token_hex(8)
+            settled = False
+            try:
+                delay = 0.5
+                while True:
+                    try:
+                        with anyio.CancelScope(shield=True), anyio.fail_after(30):
+                            result = await self.queue.cycle(outcomes, done, read, cycle_id=cycle_id)
+                    except (*REDIS_ERRORS, TimeoutError) as exc:
+                        self._redis_down(exc)
+                        if not keep_trying():
+                            return None
+                        await anyio.sleep(delay)
+                        delay = min(10.0, delay * 2)
+                        continue
+                    settled = True
                     self._redis_up()
                     self._observe_cycle(result)
                     return result
-            if stopping is None or stopping.is_set():
-                # Shutting down: the read entries stay pending for this consumer and are resumed at start.
-                return None
-            await anyio.sleep(delay)
-            delay = min(10.0, delay * 2)
+            finally:
+                if not settled:
+                    self._done[:0], self._outcomes[:0] = done, outcomes
+                    if done or outcomes:
+                        self._settle_by = self.clock()
 
     async def _settler(self) -> None:
-        """Settle finished jobs while the reader is not about to (it waits on the stream or the breaker).
+        """Settle finished jobs the reader will not settle soon.
 
-        While the reader waits for free slots, the jobs still running will finish and the reader's next
-        cycle settles everything at once; only when it waits on the stream would outcomes sit unsent.
+        The reader settles everything with its next cycle, which comes once enough slots are free. Outcomes
+        would sit unsent when it waits on the stream (or the breaker) instead, or when the jobs still
+        running are slow: then the settler sends them, at the latest a third of the visibility timeout after
+        their delivery, long before another consumer could take them over as unacknowledged.
         """
         while True:
             if not (self._done or self._outcomes):
@@ -627,36 +695,14 @@ class Consumer:
                 await self._finished.wait()
                 continue
             await anyio.sleep(self.settle_linger_s)
-            if self._reader_waiting_on_stream and (self._done or self._outcomes):
-                await self._flush()
-
-    async def _flush(self, *, final: bool = False) -> None:
-        if not (self._done or self._outcomes):
-            return
-        delay = 0.5
-        while self._done or self._outcomes:
-            async with self._cycle_lock:
-                done, outcomes = self._done, self._outcomes
-                self._done, self._outcomes = [], []
-                try:
-                    self._observe_cycle(await self.queue.cycle(outcomes, done, []))
-                    self._redis_up()
-                except REDIS_ERRORS as exc:
-                    self._done[:0], self._outcomes[:0] = done, outcomes
-                    self._redis_down(exc)
-                    if final:
-                        logger.warning(
-                            "could not settle %d jobs before exit; they are redelivered after restart",
-                            len(done),
-                        )
-                        return
-            if self._done or self._outcomes:
-                await anyio.sleep(delay)
-                delay = min(10.0, delay * 2)
+            due = self._reader_waiting_on_stream or self.clock() >= self._settle_by
+            if due and (self._done or self._outcomes):
+                await self._cycle([], keep_trying=lambda: True)
 
     def _observe_cycle(self, result: CycleResult) -> None:
         self.state.breaker = result.breaker
         self.state.breaker_at = self.clock()
+        self._observe_stats(result.stats)
         if result.next_due_in_s is not None:
             self._maintain_soon(result.next_due_in_s)
 
@@ -703,11 +749,11 @@ class Consumer:
 
     def _settled(self, ticket: Ticket, done: Done) -> None:
         self._done.append(done)
+        self._settle_by = min(self._settle_by, ticket.read_at + self.max_unsettled_s)
         if ticket.trial or ticket.breaker != "n":
             self._outcomes.append((ticket.breaker, ticket.trial))
         self._running -= 1
         self.state.running = self._running
-        self.state.last_progress = self.clock()
         self._capacity.set()
         self._finished.set()
 

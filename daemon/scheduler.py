@@ -142,14 +142,16 @@ class Scheduler:
         self.holding: Grant | None = None  # while this daemon ticks
         self.last_busy: LockBusy | None = None  # the last time another holder had the lock
         self.waiting_for: datetime | None = None  # the slot we sleep towards or are running
+        self.missed: datetime | None = None  # a slot given up or skipped, until a later one runs
 
     @property
     def next_tick(self) -> datetime | None:
         return self.waiting_for
 
     def overdue(self, allowance_s: float = 120.0) -> bool:
-        """A slot passed and was not handled (here or elsewhere) within the allowance."""
-        return self.waiting_for is not None and self.now() > self.waiting_for.timestamp() + allowance_s
+        """A slot passed without a tick: it is late beyond the allowance, or was given up or skipped."""
+        late = self.waiting_for is not None and self.now() > self.waiting_for.timestamp() + allowance_s
+        return late or self.missed is not None
 
     async def run(self, stopping: anyio.Event) -> None:
         handled = latest_slot(self.cron, self.tz, self.now())
@@ -165,6 +167,7 @@ class Scheduler:
             if late_s > self.grace_s:
                 logger.warning("cron slot %s skipped: %.0fs late, beyond the misfire grace", slot_id(slot), late_s)
                 self.metrics.ticks.labels("skipped").inc()
+                self.missed = slot
                 handled = slot
                 continue
             wait_s = slot.timestamp() - self.now()
@@ -175,7 +178,8 @@ class Scheduler:
                     await stopping.wait()
                 if stopping.is_set():
                     break
-                # A clock step or suspend can wake us early; loop to recompute rather than tick early.
+                # The sleep is on the monotonic clock: a wall clock stepped back can wake us before the slot;
+                # loop to recompute rather than tick early.
                 if self.now() < slot.timestamp():
                     continue
             await self.run_slot(slot, stopping)
@@ -187,15 +191,18 @@ class Scheduler:
         """Run ``slot`` once across all daemons, retrying a busy lock or an outage within the grace."""
         sid, group = slot_id(slot), group_for(slot, self.stagger)
         deadline = slot.timestamp() + self.grace_s
+        # One owner token for every attempt at this slot: if an acquire ran but its reply was lost, the
+        # retry finds the lock already ours instead of waiting out its TTL as "busy".
+        owner = self.lock.new_owner()
         delay = 1.0
         while not stopping.is_set():
             if self.progress is not None:
                 self.progress.expect("scheduler", LOCK_RETRY_S + 120)
             try:
-                grant = await self.lock.acquire(slot=sid)
+                grant = await self.lock.acquire(slot=sid, owner=owner)
             except SlotDone:
                 logger.debug("cron slot %s already ran", sid)
-                self.waiting_for = None
+                self._handled()
                 return
             except LockBusy as busy:
                 self.last_busy = busy
@@ -206,43 +213,56 @@ class Scheduler:
                 delay = min(30.0, delay * 2)
                 logger.warning("cron slot %s: Redis unavailable (%s)", sid, exc)
             else:
-                self.holding = grant
-                try:
-                    ticked = await self._tick(grant, sid, group)
-                finally:
-                    self.holding = None
-                if ticked:
-                    self.waiting_for = None
+                if await self._tick(grant, sid, group):
+                    self._handled()
                     return
                 wait_s = delay
                 delay = min(30.0, delay * 2)
             if self.now() + wait_s > deadline:
                 logger.error("cron slot %s (%s) not run: could not tick within the misfire grace", sid, group)
                 self.metrics.ticks.labels("missed").inc()
+                self.missed = slot
                 self.waiting_for = None
                 return
             with anyio.move_on_after(wait_s):
                 await stopping.wait()
 
+    def _handled(self) -> None:
+        self.waiting_for = None
+        self.missed = None
+
     async def _tick(self, grant: Grant, sid: str, group: str) -> bool:
+        """Enqueue under ``grant``; the lock is released whatever happens (shielded: even on cancellation)."""
+        self.holding = grant
+        result: TickResult | None = None
         try:
             result = await enqueue_under(grant, self.pool, self.queue, group, sid)
         except Exception:
             logger.exception("cron slot %s: tick failed; the slot stays open for a retry", sid)
             self.metrics.ticks.labels("failed").inc()
+        finally:
+            self.holding = None
             with anyio.move_on_after(10, shield=True):
-                await self.lock.release(grant, slot=sid, slot_outcome="abort")
+                try:
+                    if result is None:
+                        await self.lock.release(grant, slot=sid, slot_outcome="abort")
+                    else:
+                        tick = orjson.dumps(result.as_dict()).decode()
+                        await self.lock.release(grant, slot=sid, slot_outcome="done", tick=tick)
+                except REDIS_ERRORS as exc:
+                    # The lock expires by itself; a slot left 'running' may be retried after that.
+                    logger.warning("cron slot %s: could not release the lock (%s); it expires by itself", sid, exc)
+        if result is None:
             return False
-        with anyio.move_on_after(10, shield=True):
-            await self.lock.release(grant, slot=sid, slot_outcome="done", tick=orjson.dumps(result.as_dict()).decode())
         self.last_tick = result
         self.metrics.ticks.labels("fenced" if result.fenced else "ok").inc()
         self.metrics.sections_enqueued.inc(result.enqueued)
         if result.fenced:
             logger.error(
-                "cron slot %s: the lock changed hands mid-tick (fence %d); nothing enqueued",
+                "cron slot %s: the lock changed hands mid-tick (fence %d); enqueueing stopped after %d sections",
                 sid,
                 result.fence,
+                result.enqueued,
             )
         else:
             logger.info(

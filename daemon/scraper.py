@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
+import anyio
 import httpx
 import orjson
 
@@ -49,12 +50,31 @@ class Scraper:
     async def scrape(self, term: str, class_nbr: str) -> Observation:
         body = orjson.dumps({"sectionNumber": class_nbr, "term": term})
         try:
-            response = await self.client.post(self.url, content=body, headers=self._headers, timeout=self.timeout_s)
+            # httpx's timeout bounds each phase; this bounds the whole call, so a job cannot outlive it.
+            with anyio.fail_after(self.timeout_s):
+                async with self.client.stream(
+                    "POST", self.url, content=body, headers=self._headers, timeout=self.timeout_s
+                ) as response:
+                    content = await _read_capped(response)
+        except TimeoutError as exc:
+            raise ScrapeError(f"scraper timed out after {self.timeout_s:g}s") from exc
         except httpx.TimeoutException as exc:
             raise ScrapeError(f"scraper timed out after {self.timeout_s:g}s") from exc
         except httpx.HTTPError as exc:
             raise ScrapeError(f"scraper unreachable: {exc.__class__.__name__}") from exc
-        return interpret(response.status_code, response.content, response.headers.get("retry-after"))
+        return interpret(response.status_code, content, response.headers.get("retry-after"))
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    """The body, or InvalidScrape as soon as it grows past MAX_BODY_BYTES (it is never fully buffered)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InvalidScrape(f"scraper body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def interpret(status: int, content: bytes, retry_after: str | None = None) -> Observation:

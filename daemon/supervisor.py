@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S: Final = 5.0
+OUTBOX_COUNTS_EVERY_S: Final = 30.0
 USAGE_FLUSH_S: Final = 1800.0
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -127,6 +128,7 @@ class Daemon:
         self.redis_probe = Probe()
         self.db_probe = Probe()
         self.outbox_counts: dict[str, int] | None = None
+        self._counts_due = 0.0
         self.retry_base_s = retry_base_s
         self.idle_block_s = idle_block_s
         self.idle_maintenance_s = idle_maintenance_s
@@ -242,7 +244,9 @@ class Daemon:
             )
         )
         stack.push_async_callback(http.aclose)
-        self.outbox = OutboxSender(pool, make_transport(settings, http), parts.metrics, owner=settings.consumer)
+        self.outbox = OutboxSender(
+            pool, make_transport(settings, http), parts.metrics, owner=settings.consumer, progress=self.progress
+        )
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
         pipeline = Pipeline(pool, scraper, renderer, parts.metrics, on_emails=self.outbox.wake)
@@ -267,6 +271,7 @@ class Daemon:
             progress=self.progress,
         )
         await self._probe(pool)
+        logger.info("configuration: %s", settings.summary())
         self.notifier.ready(self._status())
         self._started = True
         logger.info(
@@ -320,6 +325,7 @@ class Daemon:
                 await stopping.wait()
 
     async def _probe(self, pool: asyncpg.Pool) -> None:
+        """Liveness of Redis (PING, free on Upstash) and Postgres (SELECT 1); the outbox counts every 30 s."""
         started = time.perf_counter()
         try:
             with anyio.fail_after(3):
@@ -331,7 +337,10 @@ class Daemon:
         started = time.perf_counter()
         try:
             with anyio.fail_after(3):
-                self.outbox_counts = await db.outbox_counts(pool)
+                await pool.fetchval("SELECT 1")
+                if time.monotonic() >= self._counts_due:
+                    self.outbox_counts = await db.outbox_counts(pool)
+                    self._counts_due = time.monotonic() + OUTBOX_COUNTS_EVERY_S
         except Exception as exc:
             self._set_probe(self.db_probe, False, started, exc)
         else:
@@ -499,6 +508,14 @@ class Daemon:
             breaker=state.breaker if state else None,
             outbox=self.outbox_counts,
             redis_commands=dict(self.parts.clients.usage.total),
+            jobs={
+                "completed": state.completed,
+                "retried": state.retried,
+                "deferred": state.deferred,
+                "dead_lettered": state.dead_lettered,
+            }
+            if state
+            else None,
             ages={
                 "queue": now - state.stats_at if state and state.stats_at else None,
                 "breaker": now - state.breaker_at if state and state.breaker_at else None,

@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 # Connection-level commands Upstash does not bill.
 FREE_COMMANDS: Final = frozenset({"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"})
 
-# What each purpose covers, for operators reading `seatwatch status`.
-PURPOSES: Final = ("queue", "breaker", "lock", "scheduler", "usage", "admin", "startup")
 
 USAGE_TTL_S: Final = 40 * 86400
 
@@ -81,23 +79,27 @@ class CountingRedis(aioredis.Redis):
 class RedisClients:
     """Connection pools and the per-purpose counting clients over them.
 
-    Two pools: ``blocking`` serves the one long blocking stream read and has no socket timeout (its caller
-    bounds it); ``pool`` serves everything else with a short socket timeout so a dead network is noticed.
+    Two pools: ``blocking`` serves the one long blocking stream read, has no socket timeout (its caller
+    bounds it) and does not decode replies; ``pool`` serves everything else, decoded, with a short socket
+    timeout so a dead network is noticed.
     """
 
     def __init__(self, url: str, usage: Usage | None = None, *, socket_timeout_s: float = 15) -> None:
         self.usage = usage or Usage()
         common: dict[str, Any] = {
-            "decode_responses": True,
+            "protocol": 2,  # redis-py 8 would negotiate RESP3 and send an (unbilled here, billed there) CLIENT command
             "driver_info": None,  # no CLIENT SETINFO on connect: it would be billed
             "socket_keepalive": True,
             "socket_connect_timeout": 10,
         }
         # Callers beyond the pool's size wait for a free connection instead of failing.
         self.pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=16, timeout=30, socket_timeout=socket_timeout_s, **common
+            url, max_connections=16, timeout=30, socket_timeout=socket_timeout_s, decode_responses=True, **common
         )
-        self.blocking_pool = aioredis.ConnectionPool.from_url(url, max_connections=2, socket_timeout=None, **common)
+        # The stream read returns raw bytes: whatever someone wrote into the stream must not crash the reader.
+        self.blocking_pool = aioredis.ConnectionPool.from_url(
+            url, max_connections=2, socket_timeout=None, decode_responses=False, **common
+        )
         self._clients: dict[tuple[str, bool], CountingRedis] = {}
 
     def client(self, purpose: str, *, blocking: bool = False) -> CountingRedis:

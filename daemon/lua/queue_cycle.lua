@@ -3,7 +3,7 @@
 -- include: queue_lib
 -- queue_cycle: settle finished jobs and admit newly read ones through the breaker, in one atomic step.
 -- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] delayed payloads, KEYS[5] dead letters,
--- KEYS[6] breaker hash, KEYS[7] breaker trials
+-- KEYS[6] breaker hash, KEYS[7] breaker trials, KEYS[8] this call's reply cache (named by a cycle id)
 -- ARGV[1] group, ARGV[2] JSON {
 --   cfg: breaker cfg + dlq_maxlen,
 --   outcomes: [[kind, trial_id], ...]  breaker outcomes in the order the calls finished,
@@ -13,9 +13,13 @@
 --                 | dead (dead-letter) | poison (malformed entry: dead-letter as is),
 --   read: [[eid, id, term, class_nbr, attempts, enqueued_ms], ...]  entries just read, to admit
 -- }
--- Reply: JSON {admitted, trials, retry_after_ms, deferred, breaker, next_due_ms}
+-- Reply: JSON {admitted, trials, retry_after_ms, deferred, breaker, next_due_ms, stream, pending, delayed,
+--   dead_letters}. A call whose reply was lost is retried with the same cycle id: it gets the cached reply
+--   and changes nothing, so no outcome is applied twice.
 --   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
 --   may admit again, without spending an attempt. A retry is never due before the breaker reopens.
+local cached = redis.call('GET', KEYS[8])
+if cached then return cached end
 local now = now_ms()
 local group = ARGV[1]
 local a = cjson.decode(ARGV[2])
@@ -66,11 +70,18 @@ if n > 0 then
     end
 end
 
-return cjson.encode({
+local summary = redis.call('XPENDING', KEYS[1], group)
+local reply = cjson.encode({
     admitted = admitted,
     trials = trials,
     retry_after_ms = retry_ms,
     deferred = deferred,
     breaker = breaker_view(KEYS[7], b, cfg, now),
     next_due_ms = q_next_due(KEYS[3]),
+    stream = redis.call('XLEN', KEYS[1]),
+    pending = summary[1],
+    delayed = redis.call('ZCARD', KEYS[3]),
+    dead_letters = redis.call('XLEN', KEYS[5]),
 })
+redis.call('SET', KEYS[8], reply, 'PX', 600000)
+return reply

@@ -29,9 +29,10 @@ for _, p in ipairs(stale) do
     q_remove(KEYS[1], group, eid)
     if #entries > 0 then
         local f = q_fields(entries[1])
-        if f.id == nil or f.term == nil or f.class_nbr == nil then
-            q_dead(KEYS[5], maxlen, f.id, f.term, f.class_nbr, f.attempts, 'malformed entry', eid, now,
-                cjson.encode(f))
+        local n = tonumber(f.attempts)
+        if f.term == nil or f.class_nbr == nil or f.id ~= f.term .. '-' .. f.class_nbr or n == nil or n < 0 then
+            -- Not a job (written by something else): dead-letter it as it is, never just drop it.
+            q_dead(KEYS[5], maxlen, f.id, f.term, f.class_nbr, 0, 'malformed entry', eid, now, cjson.encode(f))
             dead = dead + 1
         elseif q_owned(KEYS[2], f.id, eid) then
             local attempts = (tonumber(f.attempts) or 0) + 1

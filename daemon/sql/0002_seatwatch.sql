@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS seatwatch_outbox_batches (
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     leased_until    timestamptz,
     leased_by       text,
+    ambiguous       boolean NOT NULL DEFAULT false,  -- an attempt may have delivered (no answer, 5xx)
     last_error      text,
     sent_at         timestamptz
 );
@@ -59,6 +60,9 @@ CREATE INDEX IF NOT EXISTS seatwatch_outbox_unbatched
     ON seatwatch_outbox (id) WHERE status = 'pending' AND batch_key IS NULL;
 CREATE INDEX IF NOT EXISTS seatwatch_outbox_batch ON seatwatch_outbox (batch_key);
 CREATE INDEX IF NOT EXISTS seatwatch_outbox_sent_at ON seatwatch_outbox (sent_at) WHERE status = 'sent';
+-- Health and status count the rows still owed or failed; sent rows (30 days of them) stay out of that scan.
+CREATE INDEX IF NOT EXISTS seatwatch_outbox_open
+    ON seatwatch_outbox (status, created_at) WHERE status IN ('pending', 'failed');
 
 -- These tables hold email addresses and unsubscribe tokens: nobody but their owner (the daemon's role)
 -- may read them, even where PostgREST exposes the public schema (Supabase). Owners bypass RLS.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -144,10 +144,10 @@ async def test_dlq_list_requeue_purge(env: dict[str, str], redis_clients: RedisC
     assert (as_json[0]["entry_id"], as_json[0]["id"]) == (first, "2261-10005")
     assert [e["id"] for e in as_json] == ["2261-10005", "2261-10007"]
 
-    requeued = run_cli("dlq", "requeue", first, env=env)
+    requeued = run_cli("dlq", "requeue", str(first), env=env)
     assert requeued.returncode == 0
     assert "requeued 1" in requeued.stdout
-    entries = await redis.xrange(keys.stream)
+    entries: Any = await redis.xrange(keys.stream)
     assert [(f["id"], f["attempts"]) for _, f in entries] == [("2261-10005", "0")]
     assert await redis.xlen(keys.dead_letters) == 1
 

@@ -171,8 +171,9 @@ async def test_head_has_get_status_and_headers_and_no_body(path: str) -> None:
     assert lines[0].split(" ")[1] == str(got.status_code)
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     assert headers["content-type"] == got.headers["content-type"]
-    # The health body carries timings, so its length may differ by a digit or two between two requests.
-    assert abs(int(headers["content-length"]) - int(got.headers["content-length"])) <= 8
+    # Both bodies carry live figures (timings; the process's CPU time, memory and open files), so the two
+    # lengths differ a little between two requests; what matters is that HEAD announces a GET-sized body.
+    assert abs(int(headers["content-length"]) - int(got.headers["content-length"])) <= 64
 
 
 @pytest.mark.parametrize("path", ["/api/monitoring/health?verbose=1&x=%20", "/health?", "/metrics?name[]=a"])

@@ -697,3 +697,21 @@ def test_secret_values_skip_empty_and_short() -> None:
     assert "abc" not in values
     assert all(len(v) >= 4 for v in values)
     assert TOKEN in values
+
+
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("redis://default:ab/cd@host:6379/0", "ab/cd"),
+        ("redis://default:p@ss@host", "p@ss"),
+        ("rediss://:tok3n@up.example.io:6379", "tok3n"),
+        ("postgresql://app:se'cret@db:5432/x", "se'cret"),
+        ("postgresql://app@db/x?password=hunter22", "hunter22"),
+    ],
+)
+def test_passwords_with_slashes_ats_and_quotes_are_redacted(url: str, password: str) -> None:
+    """A password holding '/', '@' or a quote is redacted whole and handed to the log scrubber."""
+    from daemon.config import url_passwords
+
+    assert password not in redact_url(url)
+    assert url_passwords(url) == [password]

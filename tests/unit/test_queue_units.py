@@ -50,7 +50,9 @@ def test_parse_defaults_counts() -> None:
         (fields(attempts="two"), "malformed entry: attempts or enqueued_ms is not a number"),
         (fields(attempts="1.5"), "malformed entry: attempts or enqueued_ms is not a number"),
         (fields(enqueued_ms="yesterday"), "malformed entry: attempts or enqueued_ms is not a number"),
-        (fields(attempts="-1"), "malformed entry: negative attempts"),
+        (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms out of range"),
+        (fields(attempts="1001"), "malformed entry: attempts or enqueued_ms out of range"),
+        (fields(enqueued_ms=str(2**64)), "malformed entry: attempts or enqueued_ms out of range"),
     ],
 )
 def test_parse_malformed(entry_fields: dict[str, str], reason: str) -> None:
@@ -189,3 +191,14 @@ def test_retry_delay_bounds(attempt: int, base_s: float, cap_s: float, rand: flo
 def test_retry_delay_never_shrinks(attempt: int, base_s: float, rand: float) -> None:
     """With the same jitter draw, a later attempt never waits less than an earlier one."""
     assert retry_delay_s(attempt + 1, base_s, rand=lambda: rand) >= retry_delay_s(attempt, base_s, rand=lambda: rand)
+
+
+def test_parse_entry_takes_raw_bytes_and_never_raises_on_bad_utf8() -> None:
+    """The reader hands raw bytes: valid ones decode to a job; invalid UTF-8 is Malformed, not a crash."""
+    good = parse_entry(b"1-0", {k.encode(): v.encode() for k, v in fields().items()})
+    assert isinstance(good, Job)
+    assert good.id == "2261-12431"
+    bad = parse_entry(b"1-1", {b"id": b"\xff\xfe", b"term": b"2261", b"class_nbr": b"12431"})
+    assert isinstance(bad, Malformed)
+    assert bad.reason == "malformed entry: not UTF-8"
+    assert bad.fields["id"] == "\\xff\\xfe"

@@ -1,0 +1,241 @@
+"""Fault paths found in review: lost replies, failing releases, poison bytes, outbox pauses and key expiry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import httpx
+import pytest
+import redis.exceptions
+
+from daemon.breaker import BreakerConfig, CircuitBreaker
+from daemon.lock import CronLock, Grant
+from daemon.mailer import ResendTransport
+from daemon.metrics import Metrics
+from daemon.outbox import OutboxSender
+from daemon.queue import Consumer, Done, Malformed, Queue, Ticket
+from daemon.scheduler import Scheduler, slot_id
+from tests.support.seed import add_user, add_watch, clear
+from tests.support.stubs import RESEND_KEY, Reply, ResendStub
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import asyncpg
+
+    from daemon.keys import Keys
+    from daemon.scripts import Scripts
+    from daemon.usage import RedisClients
+
+
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def make_queue(clients: RedisClients, keys: Keys, scripts: Scripts, **kwargs: Any) -> Queue:
+    return Queue(
+        clients.client("queue"), clients.client("queue", blocking=True), keys, scripts, consumer="c1", **kwargs
+    )
+
+
+async def test_lock_acquire_retried_by_the_same_owner_gets_the_same_grant(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """An acquire whose reply was lost, retried with the same owner token, finds the lock already its own."""
+    lock = CronLock(redis_clients.client("lock"), keys, scripts, ttl_s=60, holder="me")
+    owner = lock.new_owner()
+    first = await lock.acquire(slot="2026-11-29T00:00Z", owner=owner)
+    again = await lock.acquire(slot="2026-11-29T00:00Z", owner=owner)
+    assert (again.owner, again.fence, again.acquired_at_ms) == (first.owner, first.fence, first.acquired_at_ms)
+    assert await lock.release(again, slot="2026-11-29T00:00Z", slot_outcome="done")
+
+
+async def test_a_cycle_retried_under_its_id_changes_nothing_twice(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """The same cycle id twice: breaker failures count once, a poison entry is dead-lettered once."""
+    queue = make_queue(redis_clients, keys, scripts, breaker=BreakerConfig(failures=5))
+    await queue.ensure_group()
+    poison = Malformed("0-1", {"junk": "x"}, "malformed entry: no term or class_nbr")
+    outcomes = [("f", ""), ("f", "")]
+    first = await queue.cycle(outcomes, [Done(poison, "poison", error=poison.reason)], [], cycle_id="abc123")
+    second = await queue.cycle(outcomes, [Done(poison, "poison", error=poison.reason)], [], cycle_id="abc123")
+    assert first == second
+    assert first.breaker.failures == 2
+    breaker = CircuitBreaker(redis_clients.client("breaker"), keys, scripts, BreakerConfig(failures=5))
+    assert (await breaker.status()).failures == 2
+    assert await redis_clients.client("admin").xlen(keys.dead_letters) == 1
+
+
+async def test_invalid_utf8_entry_is_dead_lettered_and_the_stream_flows(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """Bytes that are not UTF-8 in a stream entry go to the dead letters; the job behind it still runs."""
+    queue = make_queue(redis_clients, keys, scripts, visibility_timeout_s=5)
+    await queue.ensure_group()
+    await redis_clients.client("admin").execute_command(
+        "XADD", keys.stream, "*", "id", b"\xff\xfe", "term", "2261", "class_nbr", "12431"
+    )
+    await queue.enqueue([("2261", "12433")])
+    done: list[str] = []
+
+    async def handler(ticket: Ticket) -> None:
+        done.append(ticket.job.id)
+
+    consumer = Consumer(queue, handler, concurrency=2, idle_block_s=1, idle_maintenance_s=5, settle_linger_s=0.01)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run, stopping)
+        with anyio.fail_after(10):
+            while not done or await redis_clients.client("admin").xlen(keys.dead_letters) == 0:
+                await anyio.sleep(0.05)
+        stopping.set()
+    dead = await queue.dead_letters()
+    assert done == ["2261-12433"]
+    assert [f["error"] for _, f in dead] == ["malformed entry: not UTF-8"]
+
+
+class ReleaseFails(CronLock):
+    """A cron lock whose release hits a Redis outage (the outage arrives between enqueue and release)."""
+
+    async def release(self, grant: Grant, *, slot: str | None = None, slot_outcome: str = "", tick: str = "") -> bool:
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+
+async def test_a_failing_release_does_not_take_the_scheduler_down(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts, pool: asyncpg.Pool
+) -> None:
+    """The tick's work is done and kept even when releasing the lock fails; the lock then expires by itself."""
+    await clear(pool)
+    user = await add_user(pool, "r@example.edu")
+    await add_watch(pool, user, "2261", "12430")
+    queue = make_queue(redis_clients, keys, scripts)
+    lock = ReleaseFails(redis_clients.client("lock"), keys, scripts, ttl_s=2, holder="me")
+    scheduler = Scheduler(
+        cron="* * * * *",
+        tz=UTC_ZONE,
+        stagger="none",
+        grace_s=60,
+        lock=lock,
+        queue=queue,
+        pool=pool,
+        metrics=Metrics(),
+    )
+    slot = datetime.now(UTC).replace(second=0, microsecond=0)
+    await scheduler.run_slot(slot, anyio.Event())
+    assert scheduler.last_tick is not None
+    assert scheduler.last_tick.enqueued == 1
+    assert scheduler.holding is None
+    assert not scheduler.overdue()
+
+
+async def test_a_slot_skipped_beyond_the_grace_degrades_until_the_next_tick(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts, pool: asyncpg.Pool
+) -> None:
+    """A slot that could not run within its grace leaves the scheduler overdue until a later slot runs."""
+    await clear(pool)
+    queue = make_queue(redis_clients, keys, scripts)
+    lock = CronLock(redis_clients.client("lock"), keys, scripts, ttl_s=50, holder="me")
+    blocker = CronLock(redis_clients.client("lock"), keys, scripts, ttl_s=50, holder="someone-else")
+    scheduler = Scheduler(
+        cron="* * * * *", tz=UTC_ZONE, stagger="none", grace_s=1, lock=lock, queue=queue, pool=pool, metrics=Metrics()
+    )
+    held = await blocker.acquire()
+    old_slot = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    await scheduler.run_slot(old_slot, anyio.Event())  # busy lock, grace over: given up
+    assert scheduler.overdue()
+    await blocker.release(held)
+    await scheduler.run_slot(datetime.now(UTC).replace(second=0, microsecond=0), anyio.Event())
+    assert not scheduler.overdue()
+    assert scheduler.last_tick is not None
+    assert scheduler.last_tick.slot == slot_id(datetime.now(UTC).replace(second=0, microsecond=0))
+
+
+# -- the outbox ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def resend() -> Iterator[ResendStub]:
+    stub = ResendStub().start()
+    yield stub
+    stub.stop()
+
+
+async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
+    """``n`` pending outbox rows, each to travel alone (so each is its own batch)."""
+    await clear(pool)
+    for i in range(n):
+        user = await add_user(pool, f"o{i}@example.edu")
+        watch = await add_watch(pool, user, "2261", f"1244{i}")
+        payload = (
+            f'{{"from":"n@pickmyclass.test","to":["o{i}@example.edu"],"subject":"s","html":"h","text":"t",'
+            '"headers":{}}'
+        )
+        await pool.execute(
+            "INSERT INTO seatwatch_outbox (class_watch_id, user_id, notification_type, term, class_nbr, payload, "
+            "unsubscribe_token, solo) VALUES ($1, $2, 'seat_available', '2261', $3, $4, 'tok', true)",
+            watch,
+            user,
+            f"1244{i}",
+            payload,
+        )
+
+
+async def test_a_429_pauses_every_batch_not_just_its_own(pool: asyncpg.Pool, resend: ResendStub) -> None:
+    """After a 429 with Retry-After the sender sends nothing at all until the pause is over."""
+    await owed_emails(pool, 2)
+    resend.script(Reply(429, {"name": "rate_limit_exceeded", "message": "slow down"}, {"Retry-After": "30"}))
+    async with httpx.AsyncClient() as http:
+        sender = OutboxSender(pool, ResendTransport(http, resend.url, RESEND_KEY), Metrics(), requests_per_s=1000)
+        assert await sender.send_one()
+        assert not await sender.send_one()
+    assert len(resend.requests) == 1
+    assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE batch_key IS NULL") == 1
+
+
+async def test_an_old_batch_nothing_could_have_delivered_goes_again_under_a_new_key(
+    pool: asyncpg.Pool, resend: ResendStub
+) -> None:
+    """At the key's expiry a batch that only ever got 429s is re-formed under a new key and then delivered."""
+    await owed_emails(pool, 1)
+    resend.script(Reply(429, {"name": "rate_limit_exceeded", "message": "quota"}, {"Retry-After": "1"}))
+    async with httpx.AsyncClient() as http:
+        sender = OutboxSender(pool, ResendTransport(http, resend.url, RESEND_KEY), Metrics(), requests_per_s=1000)
+        await sender.send_one()
+        await pool.execute(
+            "UPDATE seatwatch_outbox_batches SET created_at = now() - interval '24 hours', next_attempt_at = now()"
+        )
+        resend.script(Reply(429, {"name": "rate_limit_exceeded", "message": "quota"}, {"Retry-After": "0"}))
+        sender._not_before = 0  # the test does not wait out the pause
+        await sender.send_one()
+        sender._not_before = 0
+        await sender.send_one()
+    keys = [r.headers["Idempotency-Key"] for r in resend.requests]
+    assert len(keys) == 3
+    assert keys[0] == keys[1] != keys[2]
+    assert resend.delivered_to() == ["o0@example.edu"]
+    assert await pool.fetchval("SELECT status FROM seatwatch_outbox") == "sent"
+
+
+async def test_an_old_batch_that_may_have_been_delivered_is_failed_not_resent(
+    pool: asyncpg.Pool, resend: ResendStub
+) -> None:
+    """At the key's expiry a batch that once got no clear answer (a 500) is marked failed, never re-keyed."""
+    await owed_emails(pool, 1)
+    resend.script(Reply(500, {"name": "internal_server_error", "message": "?"}))
+    async with httpx.AsyncClient() as http:
+        sender = OutboxSender(pool, ResendTransport(http, resend.url, RESEND_KEY), Metrics(), requests_per_s=1000)
+        await sender.send_one()
+        await pool.execute(
+            "UPDATE seatwatch_outbox_batches SET created_at = now() - interval '24 hours', next_attempt_at = now()"
+        )
+        resend.script(Reply(503, {"name": "internal_server_error", "message": "still down"}))
+        await sender.send_one()
+        assert not await sender.send_one()
+    row = await pool.fetchrow("SELECT status, last_error FROM seatwatch_outbox")
+    assert row is not None
+    assert row["status"] == "failed"
+    assert "maybe delivered once" in row["last_error"]
+    assert len({r.headers["Idempotency-Key"] for r in resend.requests}) == 1
