@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime
 
 import asyncpg
 import httpx
@@ -79,6 +80,7 @@ class Monitor:
 
     def close(self) -> None:
         self.stop.set()
+        self.thread.join(2)
         self.sock.close()
 
 
@@ -116,9 +118,16 @@ async def drop_database(url: str) -> None:
     await admin.close()
 
 
+def _log_time(line: str) -> float:
+    """The epoch time of a text-format log line (``<6>2026-11-29T02:35:31.433+00:00 INFO ...``)."""
+    stamp = line.split(">", 1)[1].split(" ", 1)[0]
+    return datetime.fromisoformat(stamp).timestamp()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, default=12.0)
+    # 31 minutes hold two of the idle loop's 15-minute cycles and at least one :00/:30 tick.
+    parser.add_argument("--minutes", type=float, default=31.0)
     parser.add_argument("--sections", type=int, default=0, help="watched sections (0 = a daemon with nothing to do)")
     args = parser.parse_args()
 
@@ -168,7 +177,11 @@ def main() -> None:
         rss_end = psutil.Process(daemon.pid).memory_info().rss
 
         # One tick's cost, measured under MONITOR: the daemon's own when one fell in the window, else a manual one.
-        ticks_in_window = (work / "daemon.log").read_text().count("daemon.scheduler: tick ")
+        ticks_in_window = sum(
+            1
+            for line in (work / "daemon.log").read_text().splitlines()
+            if "daemon.scheduler: tick " in line and window_start <= _log_time(line) < window_end
+        )
         tick_start = time.time()
         tick = subprocess.run(
             [sys.executable, "-m", "daemon", "tick"], env=env, capture_output=True, text=True, cwd=ROOT

@@ -311,10 +311,12 @@ class Queue:
         read: Sequence[Job],
         *,
         cycle_id: str | None = None,
+        forget: str | None = None,
     ) -> CycleResult:
         """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
 
         Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
+        ``forget`` names an earlier cycle whose reply is no longer needed, so the cache holds one per consumer.
         """
         cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
         payload = {
@@ -334,6 +336,7 @@ class Queue:
                 self.keys.breaker,
                 self.keys.breaker_trials,
                 self.keys.cycle_reply(cycle_id or secrets.token_hex(8)),
+                *([self.keys.cycle_reply(forget)] if forget else []),
             ],
             [self.keys.group, orjson.dumps(payload).decode()],
             self.redis,
@@ -508,6 +511,7 @@ class Consumer:
         self._reader_waiting_on_stream = False
         self._active_since_maintenance = False
         self._settle_by = float("inf")  # clock time by which the buffered outcomes must be settled
+        self._last_cycle_id: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -663,7 +667,9 @@ class Consumer:
                 while True:
                     try:
                         with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                            result = await self.queue.cycle(outcomes, done, read, cycle_id=cycle_id)
+                            result = await self.queue.cycle(
+                                outcomes, done, read, cycle_id=cycle_id, forget=self._last_cycle_id
+                            )
                     except (*REDIS_ERRORS, TimeoutError) as exc:
                         self._redis_down(exc)
                         if not keep_trying():
@@ -672,6 +678,7 @@ class Consumer:
                         delay = min(10.0, delay * 2)
                         continue
                     settled = True
+                    self._last_cycle_id = cycle_id
                     self._redis_up()
                     self._observe_cycle(result)
                     return result

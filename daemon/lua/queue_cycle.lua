@@ -3,7 +3,8 @@
 -- include: queue_lib
 -- queue_cycle: settle finished jobs and admit newly read ones through the breaker, in one atomic step.
 -- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] delayed payloads, KEYS[5] dead letters,
--- KEYS[6] breaker hash, KEYS[7] breaker trials, KEYS[8] this call's reply cache (named by a cycle id)
+-- KEYS[6] breaker hash, KEYS[7] breaker trials, KEYS[8] this call's reply cache (named by a cycle id),
+-- KEYS[9] (optional) the reply cache of this consumer's previous cycle, no longer needed: deleted
 -- ARGV[1] group, ARGV[2] JSON {
 --   cfg: breaker cfg + dlq_maxlen,
 --   outcomes: [[kind, trial_id], ...]  breaker outcomes in the order the calls finished,
@@ -84,4 +85,5 @@ local reply = cjson.encode({
     dead_letters = redis.call('XLEN', KEYS[5]),
 })
 redis.call('SET', KEYS[8], reply, 'PX', 600000)
+if KEYS[9] then redis.call('DEL', KEYS[9]) end
 return reply
