@@ -52,7 +52,8 @@ CHECK_KEYS: dict[str, set[str]] = {
 def with_password(url: str) -> str:
     """The same DSN with a password in it (the local server trusts loopback, so it still connects)."""
     parts = urlsplit(url)
-    netloc = f"{parts.username or 'postgres'}:{DB_PASSWORD}@{parts.hostname}:{parts.port or 5432}"
+    host = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else ""  # "" with a Unix socket in ?host=
+    netloc = f"{parts.username or 'postgres'}:{DB_PASSWORD}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
