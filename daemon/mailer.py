@@ -146,73 +146,56 @@ def _page(heading: str, lines: list[str], catalog_url: str, unsubscribe_url: str
 _WHY: Final = "You are receiving this because you are watching this section on PickMyClass."
 
 
-def _seat_body(obs: Observation, class_nbr: str, catalog_url: str, unsubscribe_url: str) -> tuple[str, str]:
+def _bodies(
+    obs: Observation, class_nbr: str, catalog_url: str, unsubscribe_url: str, middle: list[tuple[str, str]]
+) -> tuple[str, str]:
+    """HTML and plain text of one email: heading, details, ``middle`` (each line as HTML and as text), link."""
     heading = _heading(obs)
     details_html, details_text = _details(obs, class_nbr)
+    html = _page(heading, [*details_html, *(h for h, _ in middle)], catalog_url, unsubscribe_url, _WHY)
+    text = "\n".join(
+        [
+            heading,
+            "",
+            *details_text,
+            "",
+            *(t for _, t in middle),
+            "",
+            f"View the class: {catalog_url}",
+            "",
+            _WHY,
+            f"Unsubscribe: {unsubscribe_url}",
+        ]
+    )
+    return html, text
+
+
+def _seat_body(obs: Observation, class_nbr: str, catalog_url: str, unsubscribe_url: str) -> tuple[str, str]:
     seats = _plural(obs.open_seats, "open seat")
     if obs.non_reserved_seats is not None:
         note = "These are general-enrollment seats: seats reserved for specific groups are not counted."
     else:
         note = "Reserved seats could not be verified: some of these seats may be reserved for specific groups."
-    html = _page(
-        heading,
-        [
-            *details_html,
-            f'<p style="font-size:18px;color:#047857;margin:16px 0"><strong>{escape(seats)} available</strong></p>',
-            f'<p style="font-size:13px;color:#4b5563">{escape(note)}</p>',
-        ],
+    return _bodies(
+        obs,
+        class_nbr,
         catalog_url,
         unsubscribe_url,
-        _WHY,
-    )
-    text = "\n".join(
         [
-            heading,
-            "",
-            *details_text,
-            "",
-            f"{seats} available",
-            note,
-            "",
-            f"View the class: {catalog_url}",
-            "",
-            _WHY,
-            f"Unsubscribe: {unsubscribe_url}",
-        ]
+            (
+                f'<p style="font-size:18px;color:#047857;margin:16px 0"><strong>{escape(seats)} available</strong></p>',
+                f"{seats} available",
+            ),
+            (f'<p style="font-size:13px;color:#4b5563">{escape(note)}</p>', note),
+        ],
     )
-    return html, text
 
 
 def _instructor_body(obs: Observation, class_nbr: str, catalog_url: str, unsubscribe_url: str) -> tuple[str, str]:
-    heading = _heading(obs)
-    details_html, details_text = _details(obs, class_nbr)
     seats = f"{obs.seats_available} of {obs.seats_capacity} seats available"
     colour = "#047857" if obs.seats_available > 0 else "#b91c1c"
-    html = _page(
-        heading,
-        [
-            *details_html,
-            f'<p style="font-size:16px;color:{colour};margin:16px 0"><strong>{escape(seats)}</strong></p>',
-        ],
-        catalog_url,
-        unsubscribe_url,
-        _WHY,
-    )
-    text = "\n".join(
-        [
-            heading,
-            "",
-            *details_text,
-            "",
-            seats,
-            "",
-            f"View the class: {catalog_url}",
-            "",
-            _WHY,
-            f"Unsubscribe: {unsubscribe_url}",
-        ]
-    )
-    return html, text
+    line = f'<p style="font-size:16px;color:{colour};margin:16px 0"><strong>{escape(seats)}</strong></p>'
+    return _bodies(obs, class_nbr, catalog_url, unsubscribe_url, [(line, seats)])
 
 
 # -- transports -----------------------------------------------------------------------------------------------

@@ -199,6 +199,23 @@ class QueueStats:
     requeued: int = 0
     dead: int = 0
 
+    @classmethod
+    def from_lua(cls, reply: dict[str, Any]) -> QueueStats:
+        """From a script reply: the stream holds waiting and pending entries (settled ones are deleted)."""
+        pending = int(reply["pending"])
+        reclaim_ms = int(reply.get("next_reclaim_ms", -1))
+        return cls(
+            waiting=max(0, int(reply["stream"]) - pending),
+            pending=pending,
+            delayed=int(reply["delayed"]),
+            dead_letters=int(reply["dead_letters"]),
+            next_due_in_s=_due_in(reply) if "now_ms" in reply else None,
+            next_reclaim_in_s=None if reclaim_ms < 0 else reclaim_ms / 1000,
+            promoted=int(reply.get("promoted", 0)),
+            requeued=int(reply.get("requeued", 0)),
+            dead=int(reply.get("dead", 0)),
+        )
+
     def as_dict(self) -> dict[str, int]:
         return {
             "waiting": self.waiting,
@@ -342,7 +359,6 @@ class Queue:
             self.redis,
         )
         view = reply["breaker"]
-        pending = int(reply["pending"])
         return CycleResult(
             admitted=int(reply["admitted"]),
             trials=trial_list(reply["trials"]),
@@ -350,12 +366,7 @@ class Queue:
             deferred=int(reply["deferred"]),
             breaker=BreakerState.from_lua(view),
             next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
-            stats=QueueStats(
-                waiting=max(0, int(reply["stream"]) - pending),
-                pending=pending,
-                delayed=int(reply["delayed"]),
-                dead_letters=int(reply["dead_letters"]),
-            ),
+            stats=QueueStats.from_lua(reply),
         )
 
     async def maintain(self, *, resume: bool = False) -> QueueStats:
@@ -383,18 +394,7 @@ class Queue:
             ],
             self.redis,
         )
-        pending = int(reply["pending"])
-        return QueueStats(
-            waiting=max(0, int(reply["stream"]) - pending),
-            pending=pending,
-            delayed=int(reply["delayed"]),
-            dead_letters=int(reply["dead_letters"]),
-            next_due_in_s=_due_in(reply),
-            next_reclaim_in_s=None if int(reply["next_reclaim_ms"]) < 0 else int(reply["next_reclaim_ms"]) / 1000,
-            promoted=int(reply["promoted"]),
-            requeued=int(reply["requeued"]),
-            dead=int(reply["dead"]),
-        )
+        return QueueStats.from_lua(reply)
 
     async def stats(self) -> QueueStats:
         """Queue figures without changing anything (for status); one script call."""
@@ -404,14 +404,7 @@ class Queue:
             [self.keys.group],
             self.redis,
         )
-        pending = int(reply["pending"])
-        return QueueStats(
-            waiting=max(0, int(reply["stream"]) - pending),
-            pending=pending,
-            delayed=int(reply["delayed"]),
-            dead_letters=int(reply["dead_letters"]),
-            next_due_in_s=_due_in(reply),
-        )
+        return QueueStats.from_lua(reply)
 
     # -- dead letters ----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from daemon.keys import Keys
 from daemon.scripts import Scripts
 from daemon.usage import RedisClients
 from tests.support.servers import TestServers
+from tests.support.stubs import ResendStub, ScraperStub
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -136,3 +137,22 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield created
     finally:
         await created.close()
+
+
+# -- loopback stand-ins for the scraper and Resend ------------------------------------------------------------
+
+
+@pytest.fixture
+def scraper() -> Iterator[ScraperStub]:
+    """A loopback scraper speaking POST /scrape; sections answer what the test sets."""
+    stub = ScraperStub().start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def resend() -> Iterator[ResendStub]:
+    """A loopback Resend with its idempotency-key semantics, recording every request."""
+    stub = ResendStub().start()
+    yield stub
+    stub.stop()

@@ -11,23 +11,14 @@ from daemon.breaker import BreakerConfig, CircuitBreaker
 from daemon.lock import CronLock
 from tests.support.procs import daemon_env, run_cli
 from tests.support.seed import add_user, add_watch, clear
-from tests.support.stubs import ScraperStub
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import asyncpg
 
     from daemon.keys import Keys
     from daemon.scripts import Scripts
     from daemon.usage import RedisClients
-
-
-@pytest.fixture
-def scraper() -> Iterator[ScraperStub]:
-    stub = ScraperStub().start()
-    yield stub
-    stub.stop()
+    from tests.support.stubs import ScraperStub
 
 
 @pytest.fixture

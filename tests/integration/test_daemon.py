@@ -29,20 +29,6 @@ TERM = "2261"
 
 
 @pytest.fixture
-def scraper() -> Iterator[ScraperStub]:
-    stub = ScraperStub().start()
-    yield stub
-    stub.stop()
-
-
-@pytest.fixture
-def resend() -> Iterator[ResendStub]:
-    stub = ResendStub().start()
-    yield stub
-    stub.stop()
-
-
-@pytest.fixture
 def procs() -> Iterator[list[DaemonProcess]]:
     started: list[DaemonProcess] = []
     yield started

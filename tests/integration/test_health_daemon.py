@@ -58,14 +58,6 @@ def with_password(url: str) -> str:
 
 
 @pytest.fixture
-def scraper() -> Iterator[ScraperStub]:
-    stub = ScraperStub()
-    stub.start()
-    yield stub
-    stub.stop()
-
-
-@pytest.fixture
 def start_daemon() -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
     """Starts daemons that are healthy; SIGTERMs them (and checks they exit 0) at teardown."""
     started: list[DaemonProcess] = []

@@ -23,26 +23,12 @@ from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub, ScraperStub, section_data
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
     import asyncpg
 
 TERM = "2261"
 SITE = "https://pickmyclass.test"
-
-
-@pytest.fixture
-def scraper_stub() -> Iterator[ScraperStub]:
-    stub = ScraperStub().start()
-    yield stub
-    stub.stop()
-
-
-@pytest.fixture
-def resend_stub() -> Iterator[ResendStub]:
-    stub = ResendStub().start()
-    yield stub
-    stub.stop()
 
 
 class World:
@@ -79,10 +65,10 @@ class World:
 
 
 @pytest.fixture
-async def world(pool: asyncpg.Pool, scraper_stub: ScraperStub, resend_stub: ResendStub) -> AsyncIterator[World]:
+async def world(pool: asyncpg.Pool, scraper: ScraperStub, resend: ResendStub) -> AsyncIterator[World]:
     await clear(pool)
     async with httpx.AsyncClient() as http:
-        yield World(pool, http, scraper_stub, resend_stub)
+        yield World(pool, http, scraper, resend)
 
 
 async def test_seat_opening_emails_every_eligible_watcher_once(world: World) -> None:

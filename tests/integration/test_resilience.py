@@ -8,7 +8,6 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import httpx
-import pytest
 import redis.exceptions
 
 from daemon.breaker import BreakerConfig, CircuitBreaker
@@ -22,8 +21,6 @@ from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import asyncpg
 
     from daemon.keys import Keys
@@ -154,13 +151,6 @@ async def test_a_slot_skipped_beyond_the_grace_degrades_until_the_next_tick(
 
 
 # -- the outbox ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def resend() -> Iterator[ResendStub]:
-    stub = ResendStub().start()
-    yield stub
-    stub.stop()
 
 
 async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
