@@ -231,6 +231,8 @@ class CycleResult:
     trials: list[str]
     retry_after_s: float
     deferred: int
+    fetched: list[Job]  # entries the script read itself (``fetch``); the first ``admitted`` may run
+    poisoned: int  # fetched entries that were not jobs: dead-lettered by the script
     breaker: BreakerState
     next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
     stats: QueueStats  # the queue's figures right after this cycle
@@ -327,10 +329,14 @@ class Queue:
         done: Sequence[Done],
         read: Sequence[Job],
         *,
+        fetch: int = 0,
         cycle_id: str | None = None,
         forget: str | None = None,
     ) -> CycleResult:
         """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
+
+        With no ``read`` and ``fetch`` > 0 the script itself takes up to ``fetch`` new entries (without
+        blocking) and admits those: when the stream has work, a batch costs this one command in all.
 
         Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
         ``forget`` names an earlier cycle whose reply is no longer needed, so the cache holds one per consumer.
@@ -341,6 +347,7 @@ class Queue:
             "outcomes": [list(o) for o in outcomes],
             "done": [d.lua() for d in done],
             "read": [[j.entry_id, j.id, j.term, j.class_nbr, j.attempts, j.enqueued_ms] for j in read],
+            "fetch": fetch,
         }
         reply = await self.scripts.call_json(
             "queue_cycle",
@@ -355,15 +362,20 @@ class Queue:
                 self.keys.cycle_reply(cycle_id or secrets.token_hex(8)),
                 *([self.keys.cycle_reply(forget)] if forget else []),
             ],
-            [self.keys.group, orjson.dumps(payload).decode()],
+            [self.keys.group, orjson.dumps(payload).decode(), self.consumer],
             self.redis,
         )
         view = reply["breaker"]
+        fetched = reply.get("fetched")
         return CycleResult(
             admitted=int(reply["admitted"]),
             trials=trial_list(reply["trials"]),
             retry_after_s=int(reply["retry_after_ms"]) / 1000,
             deferred=int(reply["deferred"]),
+            fetched=[Job(str(e[0]), e[1], e[2], e[3], int(e[4]), int(e[5])) for e in fetched]
+            if isinstance(fetched, list)
+            else [],
+            poisoned=int(reply.get("poisoned", 0)),
             breaker=BreakerState.from_lua(view),
             next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
             stats=QueueStats.from_lua(reply),
@@ -409,8 +421,13 @@ class Queue:
     # -- dead letters ----------------------------------------------------------------------------------
 
     async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        entries: list[Any] = await self.redis.xrange(self.keys.dead_letters, count=count) or []
-        return [(str(entry_id), dict(fields or {})) for entry_id, fields in entries]
+        """The oldest dead letters; read as bytes, since a poison entry's fields may not be UTF-8."""
+        entries: list[Any] = await self.blocking.xrange(self.keys.dead_letters, count=count) or []
+
+        def text(value: bytes) -> str:
+            return value.decode("utf-8", "backslashreplace")
+
+        return [(text(eid), {text(k): text(v) for k, v in (fields or {}).items()}) for eid, fields in entries]
 
     async def requeue_dead(self, entry_ids: Sequence[str] = ()) -> dict[str, int]:
         """Put dead letters (all, or these ids) back on the queue with fresh attempts; one call."""
@@ -573,7 +590,15 @@ class Consumer:
     # -- reader ------------------------------------------------------------------------------------------
 
     async def _reader(self, jobs: TaskGroup, stopping: anyio.Event) -> None:
+        """Feed the pool: one script call per batch while the stream has work, a blocking read when not.
+
+        While busy (the last batch found work, or finished jobs wait to be settled), one queue_cycle call
+        settles, takes up to the free slots' worth of entries and admits them. Only when it finds the stream
+        empty does the reader block on XREADGROUP (minutes at a time), and the entries that wake it are
+        admitted with the next call: so an idle consumer costs one command per block period.
+        """
         delay = 1.0
+        busy = True
         while True:
             await self._wait_for_capacity()
             pause_s = self._paused_until - self.clock()
@@ -581,7 +606,20 @@ class Consumer:
                 self._reader_waiting_on_stream = True
                 self._expect("reader", pause_s + 60)
                 await anyio.sleep(pause_s)
+                self._reader_waiting_on_stream = False
             free = self.concurrency - self._running
+            keep_trying = lambda: not stopping.is_set()  # noqa: E731 - the retry policy of this loop's calls
+            if busy or self._done or self._outcomes:
+                self._expect("reader", 120)
+                result = await self._cycle([], fetch=free, keep_trying=keep_trying)
+                if result is None:
+                    continue
+                self.state.dead_lettered += result.poisoned
+                busy = bool(result.fetched) or result.poisoned > 0
+                if busy:
+                    self._active_since_maintenance = True
+                    self._start(jobs, result.fetched, result, stopping)
+                    continue
             self._reader_waiting_on_stream = True
             self._expect("reader", self.idle_block_s + 60)
             try:
@@ -599,36 +637,39 @@ class Consumer:
             delay = 1.0
             if not entries:
                 continue
+            busy = True
             self._active_since_maintenance = True
-            now = self.clock()
             good = [e for e in entries if isinstance(e, Job)]
             for bad in (e for e in entries if isinstance(e, Malformed)):
                 logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
                 self._done.append(Done(bad, "poison", error=bad.reason))
                 self.state.dead_lettered += 1
-            # Shielded: once Redis admitted these jobs they must be started (or handed back), or they would
-            # sit unacknowledged until the visibility timeout.
-            with anyio.CancelScope(shield=True):
-                result = await self._cycle(good, keep_trying=lambda: not stopping.is_set())
-                if result is not None:
-                    for i, job in enumerate(good[: result.admitted]):
-                        ticket = Ticket(job, trial=result.trials[i] if i < len(result.trials) else "", read_at=now)
-                        self._running += 1
-                        self.state.running = self._running
-                        if stopping.is_set():
-                            # Admitted as the stop came: hand it straight back, no attempt spent.
-                            self._settled(ticket, Done(job, "requeue", attempts=job.attempts))
-                        else:
-                            jobs.start_soon(self._run, ticket)
-            if result is not None and result.admitted < len(good):
-                self.state.deferred += result.deferred
-                self._paused_until = self.clock() + max(0.1, result.retry_after_s)
-                logger.info(
-                    "breaker %s: %d jobs deferred for %.0fs without spending an attempt",
-                    result.breaker.state,
-                    result.deferred,
-                    result.retry_after_s,
-                )
+            result = await self._cycle(good, keep_trying=keep_trying)
+            if result is not None:
+                self._start(jobs, good, result, stopping)
+
+    def _start(self, jobs: TaskGroup, batch: Sequence[Job], result: CycleResult, stopping: anyio.Event) -> None:
+        """Start the admitted head of ``batch``; note a breaker deferral of the rest. No await: once Redis
+        admitted these jobs they are started (or handed back) before anything can cancel us."""
+        now = self.clock()
+        for i, job in enumerate(batch[: result.admitted]):
+            ticket = Ticket(job, trial=result.trials[i] if i < len(result.trials) else "", read_at=now)
+            self._running += 1
+            self.state.running = self._running
+            if stopping.is_set():
+                # Admitted as the stop came: hand it straight back, no attempt spent.
+                self._settled(ticket, Done(job, "requeue", attempts=job.attempts))
+            else:
+                jobs.start_soon(self._run, ticket)
+        if result.admitted < len(batch):
+            self.state.deferred += result.deferred
+            self._paused_until = self.clock() + max(0.1, result.retry_after_s)
+            logger.info(
+                "breaker %s: %d jobs deferred for %.0fs without spending an attempt",
+                result.breaker.state,
+                result.deferred,
+                result.retry_after_s,
+            )
 
     async def _wait_for_capacity(self) -> None:
         # Read when about half the slots are free (or all of them are): fewer, larger batches.
@@ -641,8 +682,11 @@ class Consumer:
 
     # -- settling ------------------------------------------------------------------------------------------
 
-    async def _cycle(self, read: Sequence[Job], *, keep_trying: Callable[[], bool]) -> CycleResult | None:
-        """Settle everything buffered and admit ``read``: one queue_cycle call, retried while ``keep_trying()``.
+    async def _cycle(
+        self, read: Sequence[Job], *, fetch: int = 0, keep_trying: Callable[[], bool]
+    ) -> CycleResult | None:
+        """Settle everything buffered and admit ``read`` (or up to ``fetch`` entries the script takes):
+        one queue_cycle call, retried while ``keep_trying()``.
 
         The call itself is shielded, and a retry resends the same buffers under the same cycle id, which the
         script answers from its reply cache if the first call did run (its answer lost): so neither a
@@ -661,7 +705,7 @@ class Consumer:
                     try:
                         with anyio.CancelScope(shield=True), anyio.fail_after(30):
                             result = await self.queue.cycle(
-                                outcomes, done, read, cycle_id=cycle_id, forget=self._last_cycle_id
+                                outcomes, done, read, fetch=fetch, cycle_id=cycle_id, forget=self._last_cycle_id
                             )
                     except (*REDIS_ERRORS, TimeoutError) as exc:
                         self._redis_down(exc)

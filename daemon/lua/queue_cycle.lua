@@ -1,7 +1,7 @@
 -- include: lib_time
 -- include: breaker_lib
 -- include: queue_lib
--- queue_cycle: settle finished jobs and admit newly read ones through the breaker, in one atomic step.
+-- queue_cycle: settle finished jobs, take new ones, and admit them through the breaker, in one atomic step.
 -- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] delayed payloads, KEYS[5] dead letters,
 -- KEYS[6] breaker hash, KEYS[7] breaker trials, KEYS[8] this call's reply cache (named by a cycle id),
 -- KEYS[9] (optional) the reply cache of this consumer's previous cycle, no longer needed: deleted
@@ -12,11 +12,15 @@
 --         action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
 --                 | requeue (back to the stream now, spends none: a job interrupted by shutdown)
 --                 | dead (dead-letter) | poison (malformed entry: dead-letter as is),
---   read: [[eid, id, term, class_nbr, attempts, enqueued_ms], ...]  entries just read, to admit
+--   read: [[eid, id, term, class_nbr, attempts, enqueued_ms], ...]  entries just read, to admit,
+--   fetch: n  when no entries are given, read up to n new ones for this consumer here (no blocking)
 -- }
--- Reply: JSON {admitted, trials, retry_after_ms, deferred, breaker, next_due_ms, stream, pending, delayed,
---   dead_letters}. A call whose reply was lost is retried with the same cycle id: it gets the cached reply
---   and changes nothing, so no outcome is applied twice.
+-- ARGV[3] consumer name (for fetch)
+-- Reply: JSON {admitted, trials, retry_after_ms, deferred, fetched, poisoned, breaker, next_due_ms, stream,
+--   pending, delayed, dead_letters}. `fetched` lists the entries this call read (as `read` would give them);
+--   `poisoned` counts fetched entries that were not jobs and went straight to the dead letters.
+--   A call whose reply was lost is retried with the same cycle id: it gets the cached reply and changes
+--   nothing, so no outcome is applied twice.
 --   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
 --   may admit again, without spending an attempt. A retry is never due before the breaker reopens.
 local cached = redis.call('GET', KEYS[8])
@@ -56,6 +60,47 @@ for _, d in ipairs(a.done) do
     end
 end
 
+-- Why a fetched entry is not a job (the same reasons as queue.parse_entry), or nil when it is one.
+local function q_not_a_job(f)
+    if f.term == nil or f.term == '' or f.class_nbr == nil or f.class_nbr == '' then
+        return 'malformed entry: no term or class_nbr'
+    end
+    if f.id ~= f.term .. '-' .. f.class_nbr then
+        return 'malformed entry: id does not match term and class_nbr'
+    end
+    if not (string.find(f.term, '^[%w_%-]+$') and string.find(f.class_nbr, '^[%w_%-]+$')) then
+        return 'malformed entry: term or class_nbr has unexpected characters'
+    end
+    local n, t = tonumber(f.attempts or '0'), tonumber(f.enqueued_ms or '0')
+    if n == nil or t == nil then
+        return 'malformed entry: attempts or enqueued_ms is not a number'
+    end
+    if n < 0 or n > 1000 or t < 0 or t > 9007199254740992 then
+        return 'malformed entry: attempts or enqueued_ms out of range'
+    end
+    return nil
+end
+
+local fetched, poisoned = {}, 0
+if #a.read == 0 and (a.fetch or 0) > 0 then
+    local got = redis.call('XREADGROUP', 'GROUP', group, ARGV[3], 'COUNT', a.fetch, 'STREAMS', KEYS[1], '>')
+    if got then
+        for _, e in ipairs(got[1][2]) do
+            local eid, f = e[1], q_fields(e)
+            local why = q_not_a_job(f)
+            if why == nil then
+                fetched[#fetched + 1] = {eid, f.id, f.term, f.class_nbr, tonumber(f.attempts or '0'),
+                    tonumber(f.enqueued_ms or '0')}
+            else
+                q_remove(KEYS[1], group, eid)
+                q_dead(KEYS[5], cfg.dlq_maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
+                poisoned = poisoned + 1
+            end
+        end
+    end
+    a.read = fetched
+end
+
 local admitted, trials, retry_ms, deferred = 0, {}, 0, 0
 local n = #a.read
 if n > 0 then
@@ -77,6 +122,8 @@ local reply = cjson.encode({
     trials = trials,
     retry_after_ms = retry_ms,
     deferred = deferred,
+    fetched = fetched,
+    poisoned = poisoned,
     breaker = breaker_view(KEYS[7], b, cfg, now),
     next_due_ms = q_next_due(KEYS[3]),
     stream = redis.call('XLEN', KEYS[1]),
