@@ -13,6 +13,13 @@ every call is a trial) and prints, per batch:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder would come first on sys.path, and bench/queue.py would shadow the
+# standard library's queue module; the project root goes there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import asyncio
 import itertools
 import re
@@ -20,7 +27,6 @@ import statistics
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
