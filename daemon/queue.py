@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -81,38 +82,50 @@ class Malformed:
 
 MAX_ATTEMPTS_FIELD: Final = 1000
 MAX_ENQUEUED_MS: Final = 2**53  # anything larger is not a time, and would not survive Lua's doubles
+_PRINTABLE: Final = re.compile(rb"[!-~]+")  # printable ASCII, no blanks: what term and class numbers are
+_WHOLE: Final = re.compile(rb"[0-9]+")
+
+# The reasons an entry is not a job. queue_lib.lua's q_not_a_job gives the same ones in the same order, so
+# an entry fares the same whether the blocking reader or the settle script takes it.
+NO_FIELDS: Final = "malformed entry: no term or class_nbr"
+NOT_PRINTABLE: Final = "malformed entry: term or class_nbr is not printable ASCII"
+ID_MISMATCH: Final = "malformed entry: id does not match term and class_nbr"
+NOT_WHOLE: Final = "malformed entry: attempts or enqueued_ms is not a whole number"
+OUT_OF_RANGE: Final = "malformed entry: attempts or enqueued_ms out of range"
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+def usable_section(term: str, class_nbr: str) -> bool:
+    """Whether (term, class_nbr) can travel as a job: printable ASCII without blanks."""
+    return bool(_PRINTABLE.fullmatch(term.encode())) and bool(_PRINTABLE.fullmatch(class_nbr.encode()))
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8")
 
 
 def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, str]) -> Job | Malformed:
     """A job from a stream entry, or why it is not one. Never raises: whatever is in the stream is data."""
-    eid = _text(entry_id) if isinstance(entry_id, str) else entry_id.decode("ascii", "replace")
-    try:
-        text = {_text(k): _text(v) for k, v in fields.items()}
-    except UnicodeDecodeError:
-        raw = {
-            (k.decode("utf-8", "backslashreplace") if isinstance(k, bytes) else k): (
-                v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v
-            )
-            for k, v in fields.items()
-        }
-        return Malformed(eid, raw, "malformed entry: not UTF-8")
-    term, class_nbr = text.get("term", ""), text.get("class_nbr", "")
+    eid = _bytes(entry_id).decode("ascii", "replace")
+    raw = {_bytes(k): _bytes(v) for k, v in fields.items()}
+    shown = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace") for k, v in raw.items()}
+
+    def malformed(reason: str) -> Malformed:
+        return Malformed(eid, shown, reason)
+
+    term, class_nbr = raw.get(b"term", b""), raw.get(b"class_nbr", b"")
     if not term or not class_nbr:
-        return Malformed(eid, text, "malformed entry: no term or class_nbr")
-    if text.get("id") != f"{term}-{class_nbr}":
-        return Malformed(eid, text, "malformed entry: id does not match term and class_nbr")
-    try:
-        attempts = int(text.get("attempts", "0"))
-        enqueued_ms = int(text.get("enqueued_ms", "0"))
-    except ValueError:
-        return Malformed(eid, text, "malformed entry: attempts or enqueued_ms is not a number")
-    if not 0 <= attempts <= MAX_ATTEMPTS_FIELD or not 0 <= enqueued_ms <= MAX_ENQUEUED_MS:
-        return Malformed(eid, text, "malformed entry: attempts or enqueued_ms out of range")
-    return Job(eid, text["id"], term, class_nbr, attempts, enqueued_ms)
+        return malformed(NO_FIELDS)
+    if not (_PRINTABLE.fullmatch(term) and _PRINTABLE.fullmatch(class_nbr)):
+        return malformed(NOT_PRINTABLE)
+    if raw.get(b"id") != term + b"-" + class_nbr:
+        return malformed(ID_MISMATCH)
+    attempts, enqueued = raw.get(b"attempts", b"0"), raw.get(b"enqueued_ms", b"0")
+    if not (_WHOLE.fullmatch(attempts) and _WHOLE.fullmatch(enqueued)):
+        return malformed(NOT_WHOLE)
+    if int(attempts) > MAX_ATTEMPTS_FIELD or int(enqueued) > MAX_ENQUEUED_MS:
+        return malformed(OUT_OF_RANGE)
+    job_id = (term + b"-" + class_nbr).decode("ascii")
+    return Job(eid, job_id, term.decode("ascii"), class_nbr.decode("ascii"), int(attempts), int(enqueued))
 
 
 @dataclass
@@ -232,7 +245,7 @@ class CycleResult:
     retry_after_s: float
     deferred: int
     fetched: list[Job]  # entries the script read itself (``fetch``); the first ``admitted`` may run
-    poisoned: int  # fetched entries that were not jobs: dead-lettered by the script
+    poisoned: list[tuple[str, str]]  # (entry id, reason) of fetched entries that were not jobs: now dead letters
     breaker: BreakerState
     next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
     stats: QueueStats  # the queue's figures right after this cycle
@@ -366,7 +379,7 @@ class Queue:
             self.redis,
         )
         view = reply["breaker"]
-        fetched = reply.get("fetched")
+        fetched, poisoned = reply.get("fetched"), reply.get("poisoned")
         return CycleResult(
             admitted=int(reply["admitted"]),
             trials=trial_list(reply["trials"]),
@@ -375,7 +388,7 @@ class Queue:
             fetched=[Job(str(e[0]), e[1], e[2], e[3], int(e[4]), int(e[5])) for e in fetched]
             if isinstance(fetched, list)
             else [],
-            poisoned=int(reply.get("poisoned", 0)),
+            poisoned=[(str(p[0]), str(p[1])) for p in poisoned] if isinstance(poisoned, list) else [],
             breaker=BreakerState.from_lua(view),
             next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
             stats=QueueStats.from_lua(reply),
@@ -457,6 +470,17 @@ def retry_delay_s(
     return float(raw * (0.8 + 0.4 * rand()))
 
 
+@dataclass(frozen=True)
+class _Unsent:
+    """One queue_cycle call, kept whole so a retry sends exactly the same thing under the same id."""
+
+    id: str
+    outcomes: list[tuple[str, str]]
+    done: list[Done]
+    read: list[Job]
+    fetch: int
+
+
 @dataclass
 class ConsumerState:
     """What the consumer last saw, for health, status and metrics (no Redis command per probe)."""
@@ -522,6 +546,7 @@ class Consumer:
         self._active_since_maintenance = False
         self._settle_by = float("inf")  # clock time by which the buffered outcomes must be settled
         self._last_cycle_id: str | None = None
+        self._unconfirmed: _Unsent | None = None  # a cycle given up on, that may or may not have run
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -552,11 +577,16 @@ class Consumer:
                     logger.info("draining: waiting for %d running jobs", self._running)
         finally:
             with anyio.move_on_after(15, shield=True):
-                if (self._done or self._outcomes) and await self._cycle([], keep_trying=lambda: False) is None:
-                    logger.warning(
-                        "could not settle %d finished jobs before exit; they are redelivered after restart",
-                        len(self._done),
-                    )
+                # Twice at most: confirming a cycle whose reply was lost may hand jobs back, to settle as well.
+                for _ in range(2):
+                    if not (self._done or self._outcomes or self._unconfirmed):
+                        break
+                    if await self._cycle([], keep_trying=lambda: False) is None:
+                        logger.warning(
+                            "could not settle %d finished jobs before exit; they are redelivered after restart",
+                            len(self._done),
+                        )
+                        break
 
     async def _with_redis_retry(self, call: Callable[[], Any], stopping: anyio.Event) -> Any:
         delay = 1.0
@@ -592,43 +622,50 @@ class Consumer:
     async def _reader(self, jobs: TaskGroup, stopping: anyio.Event) -> None:
         """Feed the pool: one script call per batch while the stream has work, a blocking read when not.
 
-        While busy (the last batch found work, or finished jobs wait to be settled), one queue_cycle call
-        settles, takes up to the free slots' worth of entries and admits them. Only when it finds the stream
-        empty does the reader block on XREADGROUP (minutes at a time), and the entries that wake it are
-        admitted with the next call: so an idle consumer costs one command per block period.
+        While busy (the last batch filled every free slot, or finished jobs wait to be settled), one
+        queue_cycle call settles, takes up to the free slots' worth of entries and admits them. Only when
+        the stream runs dry does the reader block on XREADGROUP (minutes at a time), and the entries that
+        wake it are admitted with the next call: so an idle consumer costs one command per block period.
         """
         delay = 1.0
         busy = True
+
+        def keep_trying() -> bool:
+            return not stopping.is_set()
+
+        def renew(wait_s: float) -> None:
+            self._expect("reader", wait_s + 60)
+
         while True:
             await self._wait_for_capacity()
             pause_s = self._paused_until - self.clock()
             if pause_s > 0:
                 self._reader_waiting_on_stream = True
-                self._expect("reader", pause_s + 60)
+                renew(pause_s)
                 await anyio.sleep(pause_s)
                 self._reader_waiting_on_stream = False
             free = self.concurrency - self._running
-            keep_trying = lambda: not stopping.is_set()  # noqa: E731 - the retry policy of this loop's calls
             if busy or self._done or self._outcomes:
-                self._expect("reader", 120)
-                result = await self._cycle([], fetch=free, keep_trying=keep_trying)
+                renew(30)
+                fetch = 0 if stopping.is_set() else free
+                result = await self._cycle([], fetch=fetch, keep_trying=keep_trying, on_retry=renew)
                 if result is None:
                     continue
-                self.state.dead_lettered += result.poisoned
-                busy = bool(result.fetched) or result.poisoned > 0
-                if busy:
+                self._log_poison(result)
+                busy = fetch > 0 and len(result.fetched) + len(result.poisoned) >= fetch
+                if result.fetched or result.poisoned:
                     self._active_since_maintenance = True
                     self._start(jobs, result.fetched, result, stopping)
                     continue
             self._reader_waiting_on_stream = True
-            self._expect("reader", self.idle_block_s + 60)
+            renew(self.idle_block_s)
             try:
                 with anyio.fail_after(self.idle_block_s + 30):
                     entries = await self.queue.read(free, self.idle_block_s)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 self._reader_waiting_on_stream = False
                 self._redis_down(exc)
-                self._expect("reader", delay + 60)
+                renew(delay)
                 await anyio.sleep(delay)
                 delay = min(30.0, delay * 2)
                 continue
@@ -637,16 +674,22 @@ class Consumer:
             delay = 1.0
             if not entries:
                 continue
-            busy = True
+            # A full read suggests more is waiting: take the next batch with the settle call.
+            busy = len(entries) >= free
             self._active_since_maintenance = True
             good = [e for e in entries if isinstance(e, Job)]
             for bad in (e for e in entries if isinstance(e, Malformed)):
                 logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
                 self._done.append(Done(bad, "poison", error=bad.reason))
                 self.state.dead_lettered += 1
-            result = await self._cycle(good, keep_trying=keep_trying)
+            result = await self._cycle(good, keep_trying=keep_trying, on_retry=renew)
             if result is not None:
                 self._start(jobs, good, result, stopping)
+
+    def _log_poison(self, result: CycleResult) -> None:
+        for entry_id, reason in result.poisoned:
+            logger.error("entry %s dead-lettered: %s", entry_id, reason)
+        self.state.dead_lettered += len(result.poisoned)
 
     def _start(self, jobs: TaskGroup, batch: Sequence[Job], result: CycleResult, stopping: anyio.Event) -> None:
         """Start the admitted head of ``batch``; note a breaker deferral of the rest. No await: once Redis
@@ -683,47 +726,84 @@ class Consumer:
     # -- settling ------------------------------------------------------------------------------------------
 
     async def _cycle(
-        self, read: Sequence[Job], *, fetch: int = 0, keep_trying: Callable[[], bool]
+        self,
+        read: Sequence[Job],
+        *,
+        fetch: int = 0,
+        keep_trying: Callable[[], bool],
+        on_retry: Callable[[float], None] | None = None,
     ) -> CycleResult | None:
         """Settle everything buffered and admit ``read`` (or up to ``fetch`` entries the script takes):
-        one queue_cycle call, retried while ``keep_trying()``.
+        one queue_cycle call, retried while ``keep_trying()``. None when it gave up.
 
-        The call itself is shielded, and a retry resends the same buffers under the same cycle id, which the
-        script answers from its reply cache if the first call did run (its answer lost): so neither a
-        cancellation nor a lost reply can drop an outcome or apply one twice. Whatever was not settled goes
-        back into the buffers. None when it gave up.
+        The call itself is shielded, and it is retried under its cycle id, which the script answers from a
+        reply cache if an earlier try did run (its answer lost): so neither a cancellation nor a lost reply
+        drops an outcome or applies one twice. A cycle given up on stays "unconfirmed" and is sent again,
+        under its id, before anything else; jobs it turns out to have admitted (never started) are handed
+        back then, without spending an attempt.
         """
         async with self._cycle_lock:
+            if self._unconfirmed is not None:
+                earlier = self._unconfirmed
+                result = await self._send(earlier, keep_trying, on_retry)
+                if result is None:
+                    return None
+                self._unconfirmed = None
+                self._hand_back(earlier, result)
             done, outcomes = self._done, self._outcomes
             self._done, self._outcomes = [], []
             self._settle_by = float("inf")
-            cycle_id = secrets.token_hex(8)
-            settled = False
-            try:
-                delay = 0.5
-                while True:
-                    try:
-                        with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                            result = await self.queue.cycle(
-                                outcomes, done, read, fetch=fetch, cycle_id=cycle_id, forget=self._last_cycle_id
-                            )
-                    except (*REDIS_ERRORS, TimeoutError) as exc:
-                        self._redis_down(exc)
-                        if not keep_trying():
-                            return None
-                        await anyio.sleep(delay)
-                        delay = min(10.0, delay * 2)
-                        continue
-                    settled = True
-                    self._last_cycle_id = cycle_id
-                    self._redis_up()
-                    self._observe_cycle(result)
-                    return result
-            finally:
-                if not settled:
-                    self._done[:0], self._outcomes[:0] = done, outcomes
-                    if done or outcomes:
-                        self._settle_by = self.clock()
+            pending = _Unsent(secrets.token_hex(8), outcomes, done, list(read), fetch)
+            return await self._send(pending, keep_trying, on_retry)
+
+    async def _send(
+        self, cycle: _Unsent, keep_trying: Callable[[], bool], on_retry: Callable[[float], None] | None
+    ) -> CycleResult | None:
+        """Send ``cycle`` until it is confirmed or ``keep_trying()`` says stop (then it stays unconfirmed)."""
+        confirmed = False
+        try:
+            delay = 0.5
+            while True:
+                try:
+                    with anyio.CancelScope(shield=True), anyio.fail_after(30):
+                        result = await self.queue.cycle(
+                            cycle.outcomes,
+                            cycle.done,
+                            cycle.read,
+                            fetch=cycle.fetch,
+                            cycle_id=cycle.id,
+                            forget=self._last_cycle_id,
+                        )
+                except (*REDIS_ERRORS, TimeoutError) as exc:
+                    self._redis_down(exc)
+                    if not keep_trying():
+                        return None
+                    if on_retry is not None:
+                        on_retry(delay)
+                    await anyio.sleep(delay)
+                    delay = min(10.0, delay * 2)
+                    continue
+                confirmed = True
+                self._last_cycle_id = cycle.id
+                self._redis_up()
+                self._observe_cycle(result)
+                return result
+        finally:
+            if not confirmed:
+                self._unconfirmed = cycle
+                self._settle_by = self.clock()
+
+    def _hand_back(self, cycle: _Unsent, result: CycleResult) -> None:
+        """Jobs a confirmed-late cycle admitted were never started: requeue them, free their trial slots."""
+        admitted = (cycle.read or result.fetched)[: result.admitted]
+        for i, job in enumerate(admitted):
+            self._done.append(Done(job, "requeue", attempts=job.attempts))
+            trial = result.trials[i] if i < len(result.trials) else ""
+            if trial:
+                self._outcomes.append(("n", trial))
+        self._log_poison(result)
+        if admitted:
+            logger.info("%d jobs admitted by a cycle whose reply was lost go back to the queue", len(admitted))
 
     async def _settler(self) -> None:
         """Settle finished jobs the reader will not settle soon.
@@ -734,14 +814,14 @@ class Consumer:
         their delivery, long before another consumer could take them over as unacknowledged.
         """
         while True:
-            if not (self._done or self._outcomes):
+            if not (self._done or self._outcomes or self._unconfirmed):
                 self._finished = anyio.Event()
                 await self._finished.wait()
                 continue
             await anyio.sleep(self.settle_linger_s)
             due = self._reader_waiting_on_stream or self.clock() >= self._settle_by
-            if due and (self._done or self._outcomes):
-                await self._cycle([], keep_trying=lambda: True)
+            if due and (self._done or self._outcomes or self._unconfirmed):
+                await self._cycle([], keep_trying=lambda: True)  # the reader's calls settle these too
 
     def _observe_cycle(self, result: CycleResult) -> None:
         self.state.breaker = result.breaker

@@ -21,7 +21,7 @@ from croniter import croniter
 
 from daemon import db
 from daemon.lock import LockBusy, SlotDone
-from daemon.queue import REDIS_ERRORS
+from daemon.queue import REDIS_ERRORS, usable_section
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,6 +99,17 @@ async def enqueue_under(grant: Grant, pool: asyncpg.Pool, queue: Queue, group: s
     """Read the group's sections and enqueue them, fenced by ``grant``. The caller holds the lock."""
     started = time.perf_counter()
     sections = await db.sections_to_check(pool, group)
+    unusable = [s for s in sections if not usable_section(*s)]
+    if unusable:
+        # A blank or non-ASCII class number can neither be scraped nor travel as a job: say so once a tick
+        # instead of dead-lettering it every time.
+        sections = [s for s in sections if usable_section(*s)]
+        logger.warning(
+            "tick %s: %d watched sections have unusable term or class numbers and are skipped, e.g. %r",
+            slot or "manual",
+            len(unusable),
+            unusable[:3],
+        )
     result = await queue.enqueue(sections, fence=grant.fence) if sections else None
     return TickResult(
         slot=slot,

@@ -18,7 +18,7 @@
 -- ARGV[3] consumer name (for fetch)
 -- Reply: JSON {admitted, trials, retry_after_ms, deferred, fetched, poisoned, breaker, next_due_ms, stream,
 --   pending, delayed, dead_letters}. `fetched` lists the entries this call read (as `read` would give them);
---   `poisoned` counts fetched entries that were not jobs and went straight to the dead letters.
+--   `poisoned` lists [entry id, reason] of fetched entries that were not jobs (now dead letters).
 --   A call whose reply was lost is retried with the same cycle id: it gets the cached reply and changes
 --   nothing, so no outcome is applied twice.
 --   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
@@ -27,6 +27,7 @@ local cached = redis.call('GET', KEYS[8])
 if cached then return cached end
 local now = now_ms()
 local group = ARGV[1]
+q_ensure_group(KEYS[1], group)
 local a = cjson.decode(ARGV[2])
 local cfg = a.cfg
 local b
@@ -60,28 +61,7 @@ for _, d in ipairs(a.done) do
     end
 end
 
--- Why a fetched entry is not a job (the same reasons as queue.parse_entry), or nil when it is one.
-local function q_not_a_job(f)
-    if f.term == nil or f.term == '' or f.class_nbr == nil or f.class_nbr == '' then
-        return 'malformed entry: no term or class_nbr'
-    end
-    if f.id ~= f.term .. '-' .. f.class_nbr then
-        return 'malformed entry: id does not match term and class_nbr'
-    end
-    if not (string.find(f.term, '^[%w_%-]+$') and string.find(f.class_nbr, '^[%w_%-]+$')) then
-        return 'malformed entry: term or class_nbr has unexpected characters'
-    end
-    local n, t = tonumber(f.attempts or '0'), tonumber(f.enqueued_ms or '0')
-    if n == nil or t == nil then
-        return 'malformed entry: attempts or enqueued_ms is not a number'
-    end
-    if n < 0 or n > 1000 or t < 0 or t > 9007199254740992 then
-        return 'malformed entry: attempts or enqueued_ms out of range'
-    end
-    return nil
-end
-
-local fetched, poisoned = {}, 0
+local fetched, poisoned = {}, {}
 if #a.read == 0 and (a.fetch or 0) > 0 then
     local got = redis.call('XREADGROUP', 'GROUP', group, ARGV[3], 'COUNT', a.fetch, 'STREAMS', KEYS[1], '>')
     if got then
@@ -89,16 +69,16 @@ if #a.read == 0 and (a.fetch or 0) > 0 then
             local eid, f = e[1], q_fields(e)
             local why = q_not_a_job(f)
             if why == nil then
-                fetched[#fetched + 1] = {eid, f.id, f.term, f.class_nbr, tonumber(f.attempts or '0'),
-                    tonumber(f.enqueued_ms or '0')}
+                -- Numbers stay strings: cjson would round an enqueued_ms past 14 digits.
+                fetched[#fetched + 1] = {eid, f.id, f.term, f.class_nbr, f.attempts or '0', f.enqueued_ms or '0'}
             else
                 q_remove(KEYS[1], group, eid)
                 q_dead(KEYS[5], cfg.dlq_maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
-                poisoned = poisoned + 1
+                poisoned[#poisoned + 1] = {eid, why}
             end
         end
     end
-    a.read = fetched
+    for _, r in ipairs(fetched) do a.read[#a.read + 1] = r end
 end
 
 local admitted, trials, retry_ms, deferred = 0, {}, 0, 0

@@ -73,3 +73,34 @@ local function q_next_due(delayed)
     if first[2] then return tonumber(first[2]) end
     return -1
 end
+
+-- The group every daemon reads through, created (with the stream) if an operator or an eviction removed it.
+-- Call before any write, so a script never fails halfway on NOGROUP.
+local function q_ensure_group(stream, group)
+    local r = redis.pcall('XPENDING', stream, group)
+    if type(r) == 'table' and r.err then
+        redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    end
+end
+
+-- Why a stream entry is not a job, or nil when it is one; the same rules, in the same order, as the
+-- reader's queue.parse_entry, so an entry fares the same whichever path takes it.
+local function q_not_a_job(f)
+    if f.term == nil or f.term == '' or f.class_nbr == nil or f.class_nbr == '' then
+        return 'malformed entry: no term or class_nbr'
+    end
+    if not (string.find(f.term, '^[!-~]+$') and string.find(f.class_nbr, '^[!-~]+$')) then
+        return 'malformed entry: term or class_nbr is not printable ASCII'
+    end
+    if f.id ~= f.term .. '-' .. f.class_nbr then
+        return 'malformed entry: id does not match term and class_nbr'
+    end
+    local attempts, enqueued = f.attempts or '0', f.enqueued_ms or '0'
+    if not (string.find(attempts, '^%d+$') and string.find(enqueued, '^%d+$')) then
+        return 'malformed entry: attempts or enqueued_ms is not a whole number'
+    end
+    if #attempts > 4 or tonumber(attempts) > 1000 or #enqueued > 16 or tonumber(enqueued) > 9007199254740992 then
+        return 'malformed entry: attempts or enqueued_ms out of range'
+    end
+    return nil
+end

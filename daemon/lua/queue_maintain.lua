@@ -14,6 +14,7 @@ local group, consumer = ARGV[1], ARGV[2]
 local min_idle, max_attempts = tonumber(ARGV[3]), tonumber(ARGV[4])
 local count, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6])
 
+q_ensure_group(KEYS[1], group)
 local promoted = q_promote(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now, count)
 
 local stale
@@ -29,10 +30,10 @@ for _, p in ipairs(stale) do
     q_remove(KEYS[1], group, eid)
     if #entries > 0 then
         local f = q_fields(entries[1])
-        local n = tonumber(f.attempts)
-        if f.term == nil or f.class_nbr == nil or f.id ~= f.term .. '-' .. f.class_nbr or n == nil or n < 0 then
+        local why = q_not_a_job(f)
+        if why ~= nil then
             -- Not a job (written by something else): dead-letter it as it is, never just drop it.
-            q_dead(KEYS[5], maxlen, f.id, f.term, f.class_nbr, 0, 'malformed entry', eid, now, cjson.encode(f))
+            q_dead(KEYS[5], maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
             dead = dead + 1
         elseif q_owned(KEYS[2], f.id, eid) then
             local attempts = (tonumber(f.attempts) or 0) + 1

@@ -322,7 +322,7 @@ async def test_permanent_error_dead_letters_at_once(make_queue: Callable[..., Qu
         ),
         (
             {"id": "2261-12345", "term": "2261", "class_nbr": "12345", "attempts": "x", "enqueued_ms": "1"},
-            "malformed entry: attempts or enqueued_ms is not a number",
+            "malformed entry: attempts or enqueued_ms is not a whole number",
         ),
     ],
     ids=["no-fields", "id-mismatch", "bad-attempts"],

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import httpx
+import pytest
 import redis.exceptions
 
 from daemon.breaker import BreakerConfig, CircuitBreaker
@@ -15,8 +16,8 @@ from daemon.lock import CronLock, Grant
 from daemon.mailer import ResendTransport
 from daemon.metrics import Metrics
 from daemon.outbox import OutboxSender
-from daemon.queue import Consumer, Done, Malformed, Queue, Ticket
-from daemon.scheduler import Scheduler, slot_id
+from daemon.queue import Consumer, Done, Malformed, Queue, Ticket, _Unsent
+from daemon.scheduler import Scheduler, enqueue_under, slot_id
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 
@@ -91,12 +92,9 @@ async def test_invalid_utf8_entry_is_dead_lettered_and_the_stream_flows(
         stopping.set()
     dead = await queue.dead_letters()
     assert done == ["2261-12433"]
-    # Read by a blocking XREADGROUP it is "not UTF-8"; taken by the settle script it fails the id check first.
+    # The same reason whichever path took it (the blocking read or the settle script).
     assert len(dead) == 1
-    assert dead[0][1]["error"] in (
-        "malformed entry: not UTF-8",
-        "malformed entry: id does not match term and class_nbr",
-    )
+    assert dead[0][1]["error"] == "malformed entry: id does not match term and class_nbr"
 
 
 class ReleaseFails(CronLock):
@@ -234,3 +232,133 @@ async def test_an_old_batch_that_may_have_been_delivered_is_failed_not_resent(
     assert row["status"] == "failed"
     assert "maybe delivered once" in row["last_error"]
     assert len({r.headers["Idempotency-Key"] for r in resend.requests}) == 1
+
+
+async def run_until(consumer: Consumer, done: list[str], want: int) -> None:
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run, stopping)
+        with anyio.fail_after(15):
+            while len(done) < want:
+                await anyio.sleep(0.05)
+        stopping.set()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("attempts", "nan", "malformed entry: attempts or enqueued_ms is not a whole number"),
+        ("attempts", "1e3", "malformed entry: attempts or enqueued_ms is not a whole number"),
+        ("class_nbr", "10001 ", "malformed entry: term or class_nbr is not printable ASCII"),
+    ],
+)
+async def test_entries_lua_and_python_read_differently_are_rejected_by_both_paths(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts, field: str, value: str, reason: str
+) -> None:
+    """A busy consumer (the settle script reads) and an idle one (the blocking read) reject the same entries."""
+    queue = make_queue(redis_clients, keys, scripts, visibility_timeout_s=5)
+    await queue.ensure_group()
+    admin = redis_clients.client("admin")
+    entry = {"id": "2261-10001", "term": "2261", "class_nbr": "10001", "attempts": "0", "enqueued_ms": "0"}
+    entry[field] = value
+    if field == "class_nbr":
+        entry["id"] = f"2261-{value}"
+    done: list[str] = []
+
+    async def handler(ticket: Ticket) -> None:
+        done.append(ticket.job.id)
+
+    # Busy: jobs ahead of it keep the consumer on the script path when it reaches the bad entry.
+    await queue.enqueue([("2261", str(20000 + i)) for i in range(6)])
+    await admin.xadd(keys.stream, entry)  # type: ignore[arg-type]
+    await queue.enqueue([("2261", "20100")])
+    consumer = Consumer(queue, handler, concurrency=2, idle_block_s=1, idle_maintenance_s=5, settle_linger_s=0.01)
+    await run_until(consumer, done, 7)
+    # Idle: the blocking read wakes on the bad entry alone.
+    consumer = Consumer(queue, handler, concurrency=2, idle_block_s=1, idle_maintenance_s=5, settle_linger_s=0.01)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run, stopping)
+        await anyio.sleep(0.3)
+        await admin.xadd(keys.stream, entry)  # type: ignore[arg-type]
+        await queue.enqueue([("2261", "20200")])
+        with anyio.fail_after(15):
+            while len(done) < 8:
+                await anyio.sleep(0.05)
+        stopping.set()
+    reasons = [f["error"] for _, f in await queue.dead_letters()]
+    assert reasons == [reason, reason]
+    assert len(done) == 8
+
+
+async def test_a_vanished_group_is_recreated_while_busy(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """The stream deleted mid-run: the next settle call recreates the group and later jobs run."""
+    queue = make_queue(redis_clients, keys, scripts, visibility_timeout_s=5)
+    await queue.ensure_group()
+    done: list[str] = []
+    gate = anyio.Event()
+
+    async def handler(ticket: Ticket) -> None:
+        done.append(ticket.job.id)
+        await gate.wait()
+
+    consumer = Consumer(queue, handler, concurrency=2, idle_block_s=1, idle_maintenance_s=5, settle_linger_s=0.01)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run, stopping)
+        await queue.enqueue([("2261", "30001"), ("2261", "30002")])
+        with anyio.fail_after(10):
+            while len(done) < 2:
+                await anyio.sleep(0.05)
+        await redis_clients.client("admin").delete(keys.stream, keys.jobs)  # gone with its group
+        await queue.enqueue([("2261", str(30010 + i)) for i in range(5)])
+        gate.set()
+        with anyio.fail_after(15):
+            while len(done) < 7:
+                await anyio.sleep(0.05)
+        stopping.set()
+    assert sorted(done[2:]) == [f"2261-{30010 + i}" for i in range(5)]
+    assert consumer.state.redis_ok
+
+
+async def test_jobs_admitted_by_a_cycle_whose_reply_was_lost_go_back_to_the_queue(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """A cycle that ran (fetching and admitting two jobs) but whose reply never arrived is confirmed by its id
+    at the next settle, and the jobs it admitted go back to the stream with no attempt spent, not stranded."""
+    queue = make_queue(redis_clients, keys, scripts)
+    await queue.ensure_group()
+    await queue.enqueue([("2261", "40001"), ("2261", "40002")])
+    lost = await queue.cycle([], [], [], fetch=2, cycle_id="lost-reply")
+    assert lost.admitted == 2
+
+    async def never_called(ticket: Ticket) -> None:
+        raise AssertionError("nothing runs here")
+
+    consumer = Consumer(queue, never_called, concurrency=2)
+    consumer._unconfirmed = _Unsent("lost-reply", [], [], [], 2)
+    result = await consumer._cycle([], keep_trying=lambda: False)
+    assert result is not None
+    assert consumer._unconfirmed is None
+    admin = redis_clients.client("admin")
+    entries = await admin.xrange(keys.stream)
+    assert sorted((f["id"], f["attempts"]) for _, f in entries) == [("2261-40001", "0"), ("2261-40002", "0")]
+    assert (await admin.xpending(keys.stream, keys.group))["pending"] == 0
+
+
+async def test_a_tick_skips_sections_that_cannot_travel_as_jobs(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watched class number with a blank in it is skipped (and said so) instead of dead-lettered every tick."""
+    await clear(pool)
+    user = await add_user(pool, "w@example.edu")
+    await add_watch(pool, user, "2261", "10002")
+    await add_watch(pool, user, "2261", "10004 ")
+    lock = CronLock(redis_clients.client("lock"), keys, scripts, ttl_s=30, holder="me")
+    grant = await lock.acquire()
+    result = await enqueue_under(grant, pool, make_queue(redis_clients, keys, scripts), "all", None)
+    await lock.release(grant)
+    assert (result.sections, result.enqueued) == (1, 1)
+    assert "1 watched sections have unusable term or class numbers" in caplog.text

@@ -47,10 +47,14 @@ def test_parse_defaults_counts() -> None:
         (fields(id="<absent>"), "malformed entry: id does not match term and class_nbr"),
         (fields(id="2261-99999"), "malformed entry: id does not match term and class_nbr"),
         (fields(id="12431-2261"), "malformed entry: id does not match term and class_nbr"),
-        (fields(attempts="two"), "malformed entry: attempts or enqueued_ms is not a number"),
-        (fields(attempts="1.5"), "malformed entry: attempts or enqueued_ms is not a number"),
-        (fields(enqueued_ms="yesterday"), "malformed entry: attempts or enqueued_ms is not a number"),
-        (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms out of range"),
+        (fields(term="22 61", id="22 61-12431"), "malformed entry: term or class_nbr is not printable ASCII"),
+        (fields(class_nbr="1243é", id="2261-1243é"), "malformed entry: term or class_nbr is not printable ASCII"),
+        (fields(attempts="two"), "malformed entry: attempts or enqueued_ms is not a whole number"),
+        (fields(attempts="1.5"), "malformed entry: attempts or enqueued_ms is not a whole number"),
+        (fields(attempts="nan"), "malformed entry: attempts or enqueued_ms is not a whole number"),
+        (fields(attempts="1e3"), "malformed entry: attempts or enqueued_ms is not a whole number"),
+        (fields(enqueued_ms="yesterday"), "malformed entry: attempts or enqueued_ms is not a whole number"),
+        (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms is not a whole number"),
         (fields(attempts="1001"), "malformed entry: attempts or enqueued_ms out of range"),
         (fields(enqueued_ms=str(2**64)), "malformed entry: attempts or enqueued_ms out of range"),
     ],
@@ -200,5 +204,8 @@ def test_parse_entry_takes_raw_bytes_and_never_raises_on_bad_utf8() -> None:
     assert good.id == "2261-12431"
     bad = parse_entry(b"1-1", {b"id": b"\xff\xfe", b"term": b"2261", b"class_nbr": b"12431"})
     assert isinstance(bad, Malformed)
-    assert bad.reason == "malformed entry: not UTF-8"
+    assert bad.reason == "malformed entry: id does not match term and class_nbr"
     assert bad.fields["id"] == "\\xff\\xfe"
+    worse = parse_entry(b"1-2", {b"id": b"2261-\xff", b"term": b"2261", b"class_nbr": b"\xff"})
+    assert isinstance(worse, Malformed)
+    assert worse.reason == "malformed entry: term or class_nbr is not printable ASCII"
