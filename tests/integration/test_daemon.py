@@ -59,6 +59,12 @@ async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int
     return sorted(emails)
 
 
+def quiet_cron() -> dict[str, str]:
+    """A daily cron an hour ago: the daemon runs no tick of its own while the test drives it."""
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    return {"SEATWATCH_CRON": f"{hour_ago.minute} {hour_ago.hour} * * *", "SEATWATCH_TIMEZONE": "UTC"}
+
+
 def env(
     redis_url: str, database_url: str, prefix: str, scraper: ScraperStub, resend: ResendStub, **extra: Any
 ) -> dict[str, str]:
@@ -90,15 +96,13 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
     notify = NotifySocket()
     try:
         # A daily cron an hour ago: no tick of its own during the test.
-        hour_ago = datetime.now(UTC) - timedelta(hours=1)
         daemon_vars = env(
             redis_url,
             database_url,
             prefix,
             scraper,
             resend,
-            SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
-            SEATWATCH_TIMEZONE="UTC",
+            **quiet_cron(),
         )
         proc = DaemonProcess(daemon_vars, notify=notify).start()
         procs.append(proc)
@@ -252,7 +256,6 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
     emails = await watched(pool, sections)
     for class_nbr in sections:
         scraper.script(TERM, class_nbr, Reply(200, {"success": True, "data": _data(seats=1)}, delay_s=1.0))
-    hour_ago = datetime.now(UTC) - timedelta(hours=1)
     daemon_vars = env(
         redis_url,
         database_url,
@@ -260,8 +263,7 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
         scraper,
         resend,
         SEATWATCH_CONCURRENCY="4",
-        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
-        SEATWATCH_TIMEZONE="UTC",
+        **quiet_cron(),
     )
     proc = DaemonProcess(daemon_vars).start()
     procs.append(proc)
@@ -303,15 +305,13 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
     scraper.set(TERM, "12370", seats=3)
     # Resend takes the batch, delivers it, and is slow to answer: the daemon dies before the answer comes.
     resend.script(Reply(200, None, {"X-Stub-Deliver": "1"}, delay_s=5))
-    hour_ago = datetime.now(UTC) - timedelta(hours=1)
     daemon_vars = env(
         redis_url,
         database_url,
         prefix,
         scraper,
         resend,
-        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
-        SEATWATCH_TIMEZONE="UTC",
+        **quiet_cron(),
     )
     proc = DaemonProcess(daemon_vars).start()
     procs.append(proc)
@@ -349,15 +349,13 @@ async def test_killed_before_commit_sends_once_after_restart(
     await clear(pool)
     await watched(pool, ["12372"])
     scraper.script(TERM, "12372", Reply(200, {"success": True, "data": _data(seats=4)}, delay_s=3))
-    hour_ago = datetime.now(UTC) - timedelta(hours=1)
     daemon_vars = env(
         redis_url,
         database_url,
         prefix,
         scraper,
         resend,
-        SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
-        SEATWATCH_TIMEZONE="UTC",
+        **quiet_cron(),
     )
     proc = DaemonProcess(daemon_vars).start()
     procs.append(proc)
@@ -392,15 +390,13 @@ async def test_health_follows_redis_and_postgres_outages_without_restart(
     redis_cut, redis_via = redis_proxy(redis_url)
     pg_cut, pg_via = postgres_proxy(database_url)
     try:
-        hour_ago = datetime.now(UTC) - timedelta(hours=1)
         daemon_vars = env(
             redis_via,
             pg_via,
             prefix,
             scraper,
             resend,
-            SEATWATCH_CRON=f"{hour_ago.minute} {hour_ago.hour} * * *",
-            SEATWATCH_TIMEZONE="UTC",
+            **quiet_cron(),
         )
         proc = DaemonProcess(daemon_vars).start()
         procs.append(proc)
