@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from croniter import croniter
 
@@ -268,6 +268,16 @@ class _Parser:
             self.problems.append(f"{name} is required{why}")
         return value or ""
 
+    def _statement_cache(self, database_url: str) -> None:
+        """``?statement_cache_size=N`` in DATABASE_URL (0 behind a transaction-mode pooler) is a count."""
+        try:
+            query = parse_qsl(urlsplit(database_url).query, keep_blank_values=True)
+        except ValueError:
+            return
+        for name, value in query:
+            if name == "statement_cache_size" and not value.isdigit():
+                self.problems.append(f"DATABASE_URL statement_cache_size must be a whole number (got {value!r})")
+
     def url(self, name: str, value: str, schemes: tuple[str, ...]) -> str:
         if not value:
             return value
@@ -337,6 +347,7 @@ class _Parser:
             self.need("DATABASE_URL", self.secret("DATABASE_URL")),
             ("postgres", "postgresql"),
         )
+        self._statement_cache(database_url)
         redis_url = self.url("REDIS_URL", self.need("REDIS_URL", self.secret("REDIS_URL")), ("redis", "rediss", "unix"))
         scraper_url = self.url("SCRAPER_URL", self.need("SCRAPER_URL", self.raw("SCRAPER_URL")), ("http", "https"))
         scraper_token = self.need("SCRAPER_SECRET_TOKEN", self.secret("SCRAPER_SECRET_TOKEN"))

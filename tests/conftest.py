@@ -17,6 +17,7 @@ from daemon.keys import Keys
 from daemon.scripts import Scripts
 from daemon.usage import RedisClients
 from tests.support.servers import TestServers
+from tests.support.shapes import PgBouncer, RedisProc
 from tests.support.stubs import ResendStub, ScraperStub
 
 if TYPE_CHECKING:
@@ -156,3 +157,22 @@ def resend() -> Iterator[ResendStub]:
     stub = ResendStub().start()
     yield stub
     stub.stop()
+
+
+# -- the production shapes: Redis over TLS, Postgres through a transaction-mode pooler ------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_redis() -> Iterator[RedisProc]:
+    """A private redis-server speaking only TLS (a throwaway CA), reached by ``rediss://`` with that CA."""
+    server = RedisProc(tls=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(servers: TestServers) -> Iterator[PgBouncer]:
+    """A private PgBouncer in transaction mode in front of the test Postgres, few server connections."""
+    bouncer = PgBouncer(servers.database_url).start()
+    yield bouncer
+    bouncer.stop()
