@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import db
+from daemon import db, faults
 from daemon.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
 from daemon.queue import retry_delay_s
 
@@ -171,6 +171,7 @@ class OutboxSender:
         batch = await self._lease_due_batch() or await self._form_batch()
         if batch is None:
             return False
+        faults.point("batch_formed")
         await self._pace()
         try:
             ids = await self.transport.send(batch.key, batch.emails)
@@ -181,6 +182,7 @@ class OutboxSender:
         except EmailRejected as exc:
             await self._rejected(batch, str(exc))
         else:
+            faults.point("reply_received")
             await self._sent(batch, ids)
         return True
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from daemon import db
+from daemon import db, faults
 from daemon.detect import Changes, Observation, detect
 from daemon.errors import (
     DeferJob,
@@ -95,6 +95,7 @@ class Pipeline:
         finally:
             self.metrics.scrape_seconds.observe(time.perf_counter() - started)
         ticket.success()
+        faults.point("after_scrape")
 
         try:
             result = await self.record(job.term, job.class_nbr, observation)
@@ -130,39 +131,51 @@ class Pipeline:
 
     async def record(self, term: str, class_nbr: str, observation: Observation) -> SectionResult:
         """The one transaction of a section check."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            previous = await db.observe(conn, term, class_nbr, observation.row())
-            changes = detect(previous, observation)
-            if not changes.touches_claims:
-                return SectionResult(changes, 0, previous.source if previous else None)
-            claims = await db.claim(
-                conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                result = await self._record(conn, term, class_nbr, observation)
+                faults.point("before_commit")
+            faults.point("after_commit")
+        return result
+
+    async def _record(
+        self, conn: asyncpg.Connection, term: str, class_nbr: str, observation: Observation
+    ) -> SectionResult:
+        previous = await db.observe(conn, term, class_nbr, observation.row())
+        faults.point("after_observe")
+        changes = detect(previous, observation)
+        if not changes.touches_claims:
+            return SectionResult(changes, 0, previous.source if previous else None)
+        claims = await db.claim(
+            conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
+        )
+        faults.point("after_claim")
+        now_ms = self.clock_ms()
+        rows = []
+        for claim in claims:
+            rendered = self.renderer.render(
+                claim.notification_type,
+                term,
+                class_nbr,
+                observation,
+                to=claim.email,
+                user_id=claim.user_id,
+                now_ms=now_ms,
             )
-            now_ms = self.clock_ms()
-            rows = []
-            for claim in claims:
-                rendered = self.renderer.render(
+            rows.append(
+                db.OutboxRow(
+                    claim.watch_id,
+                    claim.user_id,
                     claim.notification_type,
                     term,
                     class_nbr,
-                    observation,
-                    to=claim.email,
-                    user_id=claim.user_id,
-                    now_ms=now_ms,
+                    rendered.payload,
+                    rendered.token,
                 )
-                rows.append(
-                    db.OutboxRow(
-                        claim.watch_id,
-                        claim.user_id,
-                        claim.notification_type,
-                        term,
-                        class_nbr,
-                        rendered.payload,
-                        rendered.token,
-                    )
-                )
-            await db.insert_outbox(conn, rows)
-            return SectionResult(changes, len(rows), previous.source if previous else None, claims)
+            )
+        await db.insert_outbox(conn, rows)
+        faults.point("after_outbox_insert")
+        return SectionResult(changes, len(rows), previous.source if previous else None, claims)
 
 
 def _describe(changes: Changes, source: str | None) -> str:

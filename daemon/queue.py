@@ -30,6 +30,7 @@ import anyio
 import orjson
 import redis.exceptions
 
+from daemon import faults
 from daemon.breaker import BreakerConfig, BreakerState, OutcomeKind, trial_list
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 
@@ -763,6 +764,8 @@ class Consumer:
         confirmed = False
         try:
             delay = 0.5
+            if any(d.action == "ack" for d in cycle.done):
+                faults.point("before_ack")
             while True:
                 try:
                     with anyio.CancelScope(shield=True), anyio.fail_after(30):
