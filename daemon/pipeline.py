@@ -98,7 +98,7 @@ class Pipeline:
         faults.point("after_scrape")
 
         try:
-            result = await self.record(job.term, job.class_nbr, observation)
+            result = await self.record_retrying(job.id, job.term, job.class_nbr, observation)
         except db.CONNECTION_ERRORS as exc:
             self.metrics.sections.labels("db_unavailable").inc()
             raise DeferJob(f"Postgres unavailable: {exc.__class__.__name__}", DB_OUTAGE_DEFER_S) from exc
@@ -128,6 +128,25 @@ class Pipeline:
             logger.debug("section %s checked: open=%d, no change", job.id, observation.open_seats)
         if result.emails:
             self.on_emails()
+
+    async def record_retrying(self, job_id: str, term: str, class_nbr: str, observation: Observation) -> SectionResult:
+        """``record``, once more on a fresh connection if the first one was lost (a pooler or network blip).
+
+        Safe whatever the lost attempt did: rolled back, it is simply redone; committed (its COMMIT's reply
+        lost), the retry observes the same state again, finds no edge and claims nothing, and the emails the
+        first attempt committed are owed already, so the outbox is woken for them. A second loss defers the job.
+        """
+        try:
+            return await self.record(term, class_nbr, observation)
+        except db.CONNECTION_ERRORS as exc:
+            logger.warning(
+                "section %s: Postgres connection lost (%s); once more on a fresh connection",
+                job_id,
+                exc.__class__.__name__,
+            )
+        result = await self.record(term, class_nbr, observation)
+        self.on_emails()
+        return result
 
     async def record(self, term: str, class_nbr: str, observation: Observation) -> SectionResult:
         """The one transaction of a section check."""
