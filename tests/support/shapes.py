@@ -209,3 +209,58 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+class OwnPostgres:
+    """A private PostgreSQL cluster in a temp dir (initdb + pg_ctl, trust auth), that may be restarted.
+
+    For the soak: the shared server on 5432 serves everyone else and is never restarted.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sw-pg-"))
+        self.data = self.dir / "data"
+        self.user = "postgres" if os.geteuid() == 0 and _user_exists("postgres") else None
+        self.bindir = Path(shutil.which("pg_ctl") or "/usr/lib/postgresql/15/bin/pg_ctl").resolve().parent
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(args, check=True, user=self.user, cwd=self.dir, capture_output=True, timeout=120)
+
+    def start(self) -> OwnPostgres:
+        if not self.data.exists():
+            if self.user is not None:
+                os.chmod(self.dir, 0o777)  # noqa: S103 - a private temp dir the postgres user writes into
+            self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.dir / "pg.log"),
+            "-w",
+            "start",
+        )
+        return self
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (``fast``: sessions are cut; ``immediate``: as a crash) and start again; data kept."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
