@@ -119,6 +119,9 @@ class OutboxSender:
                 if not db_down:
                     logger.warning("outbox: Postgres unavailable (%s); retrying", exc.__class__.__name__)
                 db_down = True
+                # A batch this sender had leased may have been cut off mid-way (sent, not yet marked): once
+                # Postgres answers, free it for a resend under its key now rather than after its lease.
+                leases_released = False
                 with anyio.move_on_after(delay):
                     await stopping.wait()
                 delay = min(30.0, delay * 2)

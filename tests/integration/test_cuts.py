@@ -2,7 +2,8 @@
 
 Redis: a script ran but its reply was lost (the queue's cycle, which also carries the breaker's admissions and
 outcomes; the cron lock's acquire and release; the tick's enqueue). Postgres: the connection lost in the middle
-of a section's transaction, and the COMMIT's reply lost after the commit happened. Each time: every owed email
+of a section's transaction, the COMMIT's reply lost after the commit happened, and the outbox's connection lost
+between Resend's answer and the rows being marked sent. Each time: every owed email
 delivered exactly once, nothing counted twice, the same process still running.
 """
 
@@ -15,19 +16,26 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import anyio
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from daemon import db
 from daemon.breaker import BreakerConfig, CircuitBreaker
 from daemon.keys import Keys
+from daemon.mailer import ResendTransport
+from daemon.metrics import Metrics
+from daemon.outbox import OutboxSender
 from daemon.queue import Queue
 from daemon.scheduler import slot_id
 from daemon.scripts import source
 from tests.integration.test_daemon import quiet_cron, watched
+from tests.integration.test_resilience import owed_emails
 from tests.support.procs import DaemonProcess, daemon_env
 from tests.support.proxy import Cut, postgres_proxy, redis_proxy
 from tests.support.seed import clear
-from tests.support.stubs import Reply, ResendStub, ScraperStub
+from tests.support.stubs import RESEND_KEY, Reply, ResendStub, ScraperStub
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -255,3 +263,37 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
         assert proc.stop() == 0
     finally:
         proxy.stop()
+
+
+async def test_a_batch_cut_off_before_it_is_marked_is_resent_at_once_not_after_its_lease(
+    pool: asyncpg.Pool, database_url: str, resend: ResendStub
+) -> None:
+    """Postgres lost just after Resend accepted a batch, before its rows were marked sent: once Postgres answers
+    the sender frees its own lease and resends the batch under its key (replayed: nothing delivered twice),
+    within seconds instead of after the 120 s lease."""
+    await owed_emails(pool, 1)
+    proxy, via = postgres_proxy(database_url)
+    try:
+        cut = proxy.arm(Cut(b"SET status = 'sent', sent_at", mode="request"))
+        sender_pool = await db.create_pool(via + "?statement_cache_size=0", min_size=1, max_size=2)
+        try:
+            async with httpx.AsyncClient() as http:
+                sender = OutboxSender(
+                    sender_pool, ResendTransport(http, resend.url, RESEND_KEY), Metrics(), requests_per_s=1000
+                )
+                stopping = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sender.run, stopping)
+                    with anyio.fail_after(15):
+                        while await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status = 'sent'") < 1:
+                            await anyio.sleep(0.1)
+                    stopping.set()
+                    sender.wake()
+        finally:
+            await sender_pool.close()
+    finally:
+        proxy.stop()
+    assert cut.fired == 1
+    assert len(resend.requests) == 2
+    assert len({r.headers["Idempotency-Key"] for r in resend.requests}) == 1
+    assert resend.delivered_to() == ["o0@example.edu"]
