@@ -199,8 +199,10 @@ class Soak:
         churn_every_s: float = 20,
         churn_fraction: float = 0.03,
         daemon_overrides: dict[str, str] | None = None,
+        wait_for_work: bool = True,
         log: Any = print,
     ) -> None:
+        self.wait_for_work = wait_for_work  # recovery of a restart or kill includes a section checked since
         self.aligned = aligned
         self.churn_every_s = churn_every_s
         self.churn_fraction = churn_fraction
@@ -381,6 +383,26 @@ class Soak:
                 return False
         return True
 
+    def _checked(self) -> dict[str, float]:
+        """Sections checked so far by each running daemon process (its /metrics)."""
+        counts = {}
+        for name, proc in self.daemons.items():
+            with contextlib.suppress(httpx.HTTPError):
+                text = httpx.get(f"http://{proc.env['SEATWATCH_HEALTH_LISTEN']}/metrics", timeout=3).text
+                counts[name] = sum(parse_metrics(text).get("seatwatch_sections_checked_total", {}).values())
+        return counts
+
+    def _working_again(self, before: dict[str, float]) -> Any:
+        """Both daemons see Redis and Postgres healthy and each has checked a section since ``before``."""
+
+        def check() -> bool:
+            if not self.wait_for_work:
+                return self._stores_ok()
+            now = self._checked()
+            return self._stores_ok() and all(now.get(n, -1) > before.get(n, -1) for n in self.daemons)
+
+        return check
+
     def _breaker_closed_and_drained(self) -> bool:
         for name in self.daemons:
             _code, body = self._health(name)
@@ -418,6 +440,7 @@ class Soak:
         wall_at = time.time()
         self.log(f"[{at - self.t0:7.1f}s] inject {fault}")
         injection = Injection(fault, at - self.t0, at - self.t0)
+        before = self._checked()
         if fault in ("scraper_errors", "scraper_latency"):
             self.scraper.mode = "errors" if fault == "scraper_errors" else "latency"
             time.sleep(self.fault_window_s)
@@ -433,15 +456,15 @@ class Soak:
         elif fault == "redis_restart":
             self.redis.restart_empty()
             end = time.monotonic()
-            recovered = self._wait(self._stores_ok, at)
+            recovered = self._wait(self._working_again(before), at)
         elif fault == "postgres_restart":
             self.postgres.restart("immediate" if self.postgres.restarts % 2 else "fast")
             end = time.monotonic()
-            recovered = self._wait(self._stores_ok, at)
+            recovered = self._wait(self._working_again(before), at)
         elif fault == "pgbouncer_restart":
             self.bouncer.restart()
             end = time.monotonic()
-            recovered = self._wait(self._stores_ok, at)
+            recovered = self._wait(self._working_again(before), at)
         elif fault == "daemon_sigkill":
             victim = self.daemons["b"]
             victim.kill()
@@ -449,11 +472,8 @@ class Soak:
             self.daemons["b"] = self._spawn("b", victim.env)
             end = time.monotonic()
 
-            def back() -> bool:
-                code, _ = self._health("b")
-                return code != 0 and self._stores_ok()
-
-            recovered = self._wait(back, at)
+            before["b"] = 0.0  # a new process counts from zero
+            recovered = self._wait(self._working_again(before), at)
         else:
             raise ValueError(fault)
         injection.ended = end - self.t0
@@ -638,6 +658,7 @@ class Soak:
                 else f"a fault every {self.fault_every_s:.0f} s",
                 "fault_window_s": self.fault_window_s,
                 "seed": self.seed,
+                "wait_for_work": self.wait_for_work,
             },
             injections=self.injections,
             samples=self.samples,
@@ -708,6 +729,16 @@ def render(report: Report) -> str:
     lines.append(
         f"scrapes served {st['scrapes_served']}; Resend answers by status (0 = dropped) {st['resend_answers']}; "
         f"drained {num(st['drained_s'])} s after the end"
+    )
+    lines.append(
+        "recovery: scraper faults, from the window's end until both breakers are CLOSED with nothing delayed; "
+        "Resend faults, from the window's end until every email owed before it is sent; restarts and the kill, "
+        "from the injection until both daemons see Redis and Postgres healthy"
+        + (
+            " and each has checked a section since (the next tick when the queue was lost)"
+            if report.config.get("wait_for_work")
+            else ""
+        )
     )
     lines.append("verdict: " + ("PASS" if report.ok else "FAIL: " + "; ".join(report.problems)))
     return "\n".join(lines)
