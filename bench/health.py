@@ -38,8 +38,8 @@ import httpx
 import orjson
 import psutil
 
-from daemon import db
-from daemon.embedded import RedisServer, free_port
+from daemon.commands.embedded import RedisServer, free_port
+from daemon.store import db
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -38,8 +38,8 @@ import asyncpg
 import httpx
 import psutil
 
-from daemon import db
-from daemon.embedded import RedisServer, free_port
+from daemon.commands.embedded import RedisServer, free_port
+from daemon.store import db
 from tests.support.stubs import ScraperStub
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -34,17 +34,17 @@ import anyio
 import asyncpg
 import httpx
 
-from daemon import db
-from daemon.breaker import BreakerConfig
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
-from daemon.mailer import Renderer
-from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
-from daemon.queue import Consumer, Queue
-from daemon.scraper import Scraper
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.queue import Consumer, Queue
+from daemon.primitives.scripts import Scripts
+from daemon.primitives.usage import RedisClients
+from daemon.runtime.metrics import Metrics
+from daemon.store import db
+from daemon.upstream.mailer import Renderer
+from daemon.upstream.scraper import Scraper
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_settings(needs: str, env: dict[str, str] | None = None) -> Settings:
     """Settings for a command, exiting 78 with every problem listed when they are unusable."""
-    from daemon import systemd
+    from daemon.runtime import systemd
 
     timeout_stop_s = systemd.timeout_stop_s() if needs == NEEDS_ALL else None
     try:
@@ -125,7 +125,7 @@ def _configure_logs(settings: Settings) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_ALL)
     _configure_logs(settings)
-    from daemon.supervisor import run_daemon
+    from daemon.runtime.supervisor import run_daemon
 
     return run_daemon(settings)
 
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_DATABASE)
     _configure_logs(settings)
-    from daemon import db
+    from daemon.store import db
 
     async def go() -> int:
         conn = await db.connect(settings.database_url.reveal())
@@ -149,7 +149,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_ALL)
-    from daemon.checks import run_checks
+    from daemon.commands.checks import run_checks
 
     results = anyio.run(run_checks, settings)
     width = max(len(name) for name, _, _ in results)
@@ -161,35 +161,35 @@ def _check(args: argparse.Namespace) -> int:
 def _tick(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_STORES)
     _configure_logs(settings)
-    from daemon.admin import tick_now
+    from daemon.commands.admin import tick_now
 
     return _async(lambda: tick_now(settings, args.group))
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_STORES)
-    from daemon.admin import status
+    from daemon.commands.admin import status
 
     return _async(lambda: status(settings, as_json=args.json))
 
 
 def _breaker(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon.admin import breaker_reset
+    from daemon.commands.admin import breaker_reset
 
     return _async(lambda: breaker_reset(settings))
 
 
 def _lock(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon.admin import lock_release
+    from daemon.commands.admin import lock_release
 
     return _async(lambda: lock_release(settings))
 
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon import admin
+    from daemon.commands import admin
 
     if args.action == "list":
         return _async(lambda: admin.dlq_list(settings, count=args.count, as_json=args.json))
@@ -199,6 +199,6 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.commands.demo import run_demo
 
     return run_demo(dir_=args.dir, port=args.port, duration_s=args.duration, env=dict(os.environ))

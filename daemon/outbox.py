@@ -29,18 +29,18 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import db
-from daemon.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
-from daemon.queue import retry_delay_s
+from daemon.primitives.queue import retry_delay_s
+from daemon.store import db
+from daemon.upstream.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import asyncpg
 
-    from daemon.mailer import Transport
-    from daemon.metrics import Metrics
-    from daemon.systemd import Progress
+    from daemon.runtime.metrics import Metrics
+    from daemon.runtime.systemd import Progress
+    from daemon.upstream.mailer import Transport
 
 logger = logging.getLogger(__name__)
 

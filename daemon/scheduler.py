@@ -19,9 +19,9 @@ import anyio
 import orjson
 from croniter import croniter
 
-from daemon import db
-from daemon.lock import LockBusy, SlotDone
-from daemon.queue import REDIS_ERRORS, usable_section
+from daemon.primitives.lock import LockBusy, SlotDone
+from daemon.primitives.queue import REDIS_ERRORS, usable_section
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.lock import CronLock, Grant
-    from daemon.metrics import Metrics
-    from daemon.queue import Queue
-    from daemon.systemd import Progress
+    from daemon.primitives.lock import CronLock, Grant
+    from daemon.primitives.queue import Queue
+    from daemon.runtime.metrics import Metrics
+    from daemon.runtime.systemd import Progress
 
 logger = logging.getLogger(__name__)
 

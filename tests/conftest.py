@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import pytest
 import redis.asyncio as aioredis
 
-from daemon import db
 from daemon.keys import Keys
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.primitives.usage import RedisClients
+from daemon.store import db
 from tests.support.servers import TestServers
 from tests.support.stubs import ResendStub, ScraperStub
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from daemon.breaker import BreakerConfig, CircuitBreaker
-from daemon.lock import CronLock
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.lock import CronLock
 from tests.support.procs import daemon_env, run_cli
 from tests.support.seed import add_user, add_watch, clear
 
@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.usage import RedisClients
     from tests.support.stubs import ScraperStub
 
 

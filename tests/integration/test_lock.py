@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from daemon.lock import SLOT_MARKER_TTL_MS, CronLock, Grant, LockBusy, SlotDone
-from daemon.usage import RedisClients
+from daemon.primitives.lock import SLOT_MARKER_TTL_MS, CronLock, Grant, LockBusy, SlotDone
+from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import CountingRedis
+    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.usage import CountingRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 

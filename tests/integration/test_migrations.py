@@ -1,7 +1,7 @@
 """Migrations on real Postgres: an empty database, the production schema, reruns, races, poolers, the CLI.
 
 The production case loads ``tests/fixtures/legacy_schema.sql`` (the original web app's schema, written
-independently of ``daemon/sql``) and compares a catalog snapshot of every object before and after: SPEC §6
+independently of ``daemon/store/sql``) and compares a catalog snapshot of every object before and after: SPEC §6
 says migrations are additive only.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import pytest
 
-from daemon import db
+from daemon.store import db
 from tests.support.procs import run_cli
 
 if TYPE_CHECKING:
@@ -748,7 +748,7 @@ async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database_url: st
 
 
 def test_legacy_fixture_is_independent_of_seatwatch_sql() -> None:
-    """The legacy fixture's index and trigger names differ from daemon/sql's, so a duplicate would show."""
+    """The legacy fixture's index and trigger names differ from daemon/store/sql's, so a duplicate would show."""
     ours = "\n".join(m.sql for m in db.migrations())
     legacy_names = set(re.findall(r"CREATE (?:UNIQUE )?(?:INDEX|TRIGGER) (\w+)", LEGACY_SQL))
     seatwatch_names = set(re.findall(r"CREATE (?:UNIQUE )?(?:INDEX|TRIGGER) (?:IF NOT EXISTS )?(\w+)", ours))

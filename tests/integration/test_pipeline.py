@@ -10,14 +10,14 @@ import httpx
 import orjson
 import pytest
 
-from daemon import db
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
-from daemon.mailer import Renderer, ResendTransport, unsubscribe_token
-from daemon.metrics import Metrics
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
-from daemon.queue import Job, Ticket
-from daemon.scraper import Scraper
+from daemon.primitives.queue import Job, Ticket
+from daemon.runtime.metrics import Metrics
+from daemon.store import db
+from daemon.upstream.mailer import Renderer, ResendTransport, unsubscribe_token
+from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub, ScraperStub, section_data

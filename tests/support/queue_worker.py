@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.breaker import BreakerConfig
 from daemon.keys import Keys
-from daemon.queue import Consumer, Queue, Ticket
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.queue import Consumer, Queue, Ticket
+from daemon.primitives.scripts import Scripts
+from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.queue import Done, Job, Malformed, parse_entry, retry_delay_s
+from daemon.primitives.queue import Done, Job, Malformed, parse_entry, retry_delay_s
 
 ENTRY = "1736960000000-0"
 

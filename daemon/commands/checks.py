@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.exceptions
 
-from daemon import db
 from daemon.config import redact_url
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.primitives.usage import RedisClients
+from daemon.store import db
 
 if TYPE_CHECKING:
     from daemon.config import Settings

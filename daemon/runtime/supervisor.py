@@ -23,21 +23,21 @@ import anyio
 import httpx
 import redis.exceptions
 
-from daemon import db
-from daemon.breaker import BreakerConfig, CircuitBreaker
-from daemon.health import HealthReport, HealthServer, Probe, iso, overall
 from daemon.keys import Keys
-from daemon.lock import CronLock
-from daemon.mailer import FileTransport, Renderer, ResendTransport
-from daemon.metrics import Metrics
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
-from daemon.queue import Consumer, Queue
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.lock import CronLock
+from daemon.primitives.queue import Consumer, Queue
+from daemon.primitives.scripts import Scripts
+from daemon.primitives.usage import RedisClients, UsageLedger
+from daemon.runtime.health import HealthReport, HealthServer, Probe, iso, overall
+from daemon.runtime.metrics import Metrics
+from daemon.runtime.systemd import Notifier, Progress
 from daemon.scheduler import Scheduler
-from daemon.scraper import Scraper
-from daemon.scripts import Scripts
-from daemon.systemd import Notifier, Progress
-from daemon.usage import RedisClients, UsageLedger
+from daemon.store import db
+from daemon.upstream.mailer import FileTransport, Renderer, ResendTransport
+from daemon.upstream.scraper import Scraper
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.config import Settings
-    from daemon.mailer import Transport
+    from daemon.upstream.mailer import Transport
 
 logger = logging.getLogger(__name__)
 

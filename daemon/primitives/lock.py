@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import CountingRedis
+    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.usage import CountingRedis
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,15 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import orjson
 
-from daemon import db, embedded, logs
+from daemon import logs
+from daemon.commands import embedded
 from daemon.config import Settings
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-logger = logging.getLogger("daemon.demo")
+logger = logging.getLogger("daemon.commands.demo")
 
 TERM = "2261"
 DEMO_TOKEN = "demo-scraper-token"  # noqa: S105 - a loopback-only demo value, not a secret
@@ -264,7 +266,7 @@ def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, s
 
 
 async def _run_daemon(settings: Settings, duration_s: float | None) -> int:
-    from daemon.supervisor import Daemon
+    from daemon.runtime.supervisor import Daemon
 
     daemon = Daemon(settings)
     result = 0

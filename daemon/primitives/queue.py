@@ -30,8 +30,8 @@ import anyio
 import orjson
 import redis.exceptions
 
-from daemon.breaker import BreakerConfig, BreakerState, OutcomeKind, trial_list
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
+from daemon.primitives.breaker import BreakerConfig, BreakerState, OutcomeKind, trial_list
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -39,9 +39,9 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.systemd import Progress
-    from daemon.usage import CountingRedis
+    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.usage import CountingRedis
+    from daemon.runtime.systemd import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis.exceptions
 
-from daemon import db
-from daemon.health import iso
-from daemon.lock import LockBusy
+from daemon.primitives.lock import LockBusy
+from daemon.primitives.usage import projection
+from daemon.runtime.health import iso
+from daemon.runtime.supervisor import Parts, build_parts
 from daemon.scheduler import enqueue_under, group_for, next_slot
-from daemon.supervisor import Parts, build_parts
-from daemon.usage import projection
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence

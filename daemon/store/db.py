@@ -93,7 +93,7 @@ class Migration:
 
 def migrations() -> list[Migration]:
     """The numbered files of ``daemon/sql``, in order."""
-    folder = resources.files("daemon") / "sql"
+    folder = resources.files("daemon.store") / "sql"
     found = [
         Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
         for entry in folder.iterdir()

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
+    from daemon.primitives.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
