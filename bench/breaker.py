@@ -34,8 +34,8 @@ import redis.asyncio as aioredis
 from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker, OutcomeKind
+from daemon.primitives.clients import RedisClients
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -35,14 +35,16 @@ import asyncpg
 import httpx
 
 from daemon.commands.embedded import RedisServer
+from daemon.consumer import Consumer
 from daemon.keys import Keys
 from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig
-from daemon.primitives.queue import Consumer, Queue
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients
 from daemon.runtime.metrics import Metrics
-from daemon.store import db
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect, create_pool
 from daemon.upstream.mailer import Renderer
 from daemon.upstream.scraper import Scraper
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data
@@ -64,8 +66,8 @@ async def scratch_database(sections: int) -> str:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    conn = await db.connect(url)
-    await db.migrate(conn)
+    conn = await connect(url)
+    await migrate(conn)
     users = [uuid.uuid4() for _ in range(sections)]
     await conn.executemany(
         "INSERT INTO auth.users (id, email) VALUES ($1, $2)", [(u, f"u{i}@example.edu") for i, u in enumerate(users)]
@@ -148,7 +150,7 @@ async def run(sections: int, scraper_url: str, redis_url: str, database_url: str
     scripts = Scripts(clients.client("startup"))
     await scripts.load(clients.client("startup"))
     keys = Keys(f"bench{uuid.uuid4().hex[:6]}")
-    pool = await db.create_pool(database_url, min_size=4, max_size=20)
+    pool = await create_pool(database_url, min_size=4, max_size=20)
     rows = []
     try:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=40)) as http:

@@ -49,11 +49,12 @@ import anyio
 import redis.asyncio as aioredis
 
 from daemon.commands.embedded import RedisServer
+from daemon.consumer import Consumer, Ticket
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
-from daemon.primitives.queue import Consumer, Queue, Ticket
+from daemon.primitives.clients import FREE_COMMANDS, RedisClients
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import SCRIPTS, Scripts, source
-from daemon.primitives.usage import FREE_COMMANDS, RedisClients
 
 THIS = Path(__file__).resolve()
 ROOT = THIS.parents[1]

@@ -133,12 +133,13 @@ def _run(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_DATABASE)
     _configure_logs(settings)
-    from daemon.store import db
+    from daemon.store.migrations import migrate
+    from daemon.store.pool import connect
 
     async def go() -> int:
-        conn = await db.connect(settings.database_url.reveal())
+        conn = await connect(settings.database_url.reveal())
         try:
-            applied = await db.migrate(conn)
+            applied = await migrate(conn)
         finally:
             await conn.close()
         print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")

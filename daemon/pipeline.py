@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.primitives.queue import Ticket
+    from daemon.consumer import Ticket
     from daemon.runtime.metrics import Metrics
     from daemon.upstream.mailer import Renderer
     from daemon.upstream.scraper import Scraper

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis.exceptions
 
-from daemon.primitives.lock import LockBusy
+from daemon.errors import LockBusy
 from daemon.primitives.usage import projection
 from daemon.runtime.health import iso
 from daemon.runtime.supervisor import Parts, build_parts
 from daemon.scheduler import enqueue_under, group_for, next_slot
 from daemon.store import db
+from daemon.store.pool import CONNECTION_ERRORS, connect, create_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -51,7 +52,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
         group = group_for(datetime.now(settings.tz), settings.stagger)
     try:
         async with _parts(settings) as parts:
-            pool = await db.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+            pool = await create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
             try:
                 try:
                     grant = await parts.lock.acquire()
@@ -65,7 +66,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
                     await parts.lock.release(grant)
             finally:
                 await pool.close()
-    except (redis.exceptions.RedisError, OSError, *db.CONNECTION_ERRORS) as exc:
+    except (redis.exceptions.RedisError, OSError, *CONNECTION_ERRORS) as exc:
         return _fail(f"tick failed: {exc.__class__.__name__}: {exc}")
     if result.fenced:
         return _fail("the cron lock changed hands during the tick; nothing enqueued")
@@ -84,12 +85,12 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         today = await parts.ledger.today()
     outbox: dict[str, Any]
     try:
-        conn = await db.connect(settings.database_url.reveal())
+        conn = await connect(settings.database_url.reveal())
         try:
             outbox = await db.outbox_counts(conn)
         finally:
             await conn.close()
-    except (*db.CONNECTION_ERRORS, OSError) as exc:
+    except (*CONNECTION_ERRORS, OSError) as exc:
         outbox = {"pending": None, "failed": None, "error": exc.__class__.__name__}
     now = time.time()
     last = orjson.loads(lock.last_tick) if lock.last_tick else None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from redis.commands.core import AsyncScript
 
-    from daemon.primitives.usage import CountingRedis
+    from daemon.primitives.clients import CountingRedis
 
 SCRIPTS: Final = (
     "lock_acquire",

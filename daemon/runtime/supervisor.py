@@ -23,19 +23,25 @@ import anyio
 import httpx
 import redis.exceptions
 
+from daemon.backoff import Backoff
+from daemon.consumer import Consumer
+from daemon.errors import Exit, FatalStartError, StoreUnavailable
 from daemon.keys import Keys
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
-from daemon.primitives.queue import Consumer, Queue
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients, UsageLedger
+from daemon.primitives.usage import UsageLedger
 from daemon.runtime.health import HealthReport, HealthServer, Probe, iso, overall
 from daemon.runtime.metrics import Metrics
 from daemon.runtime.systemd import Notifier, Progress
 from daemon.scheduler import Scheduler
 from daemon.store import db
+from daemon.store.migrations import pending_migrations
+from daemon.store.pool import CONNECTION_ERRORS, create_pool
 from daemon.upstream.mailer import FileTransport, Renderer, ResendTransport
 from daemon.upstream.scraper import Scraper
 
@@ -52,12 +58,6 @@ logger = logging.getLogger(__name__)
 MONITOR_INTERVAL_S: Final = 5.0
 OUTBOX_COUNTS_EVERY_S: Final = 30.0
 USAGE_FLUSH_S: Final = 1800.0
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-
-
-class FatalStartError(Exception):
-    """Start cannot succeed by waiting (a script Redis refuses, an unmigrated database)."""
 
 
 @dataclass
@@ -162,9 +162,9 @@ class Daemon:
                 logger.critical("cannot start: %s", cause)
             else:
                 logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
-            return EXIT_FAILURE
+            return Exit.FAILURE
         logger.info("stopped")
-        return EXIT_OK
+        return Exit.OK
 
     def stop(self) -> None:
         """Begin a graceful shutdown, as the first SIGTERM does: no new work, running jobs get the grace."""
@@ -203,7 +203,7 @@ class Daemon:
             return None
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
-            pending = await db.pending_migrations(conn)
+            pending = await pending_migrations(conn)
         if pending:
             raise FatalStartError(f"the database lacks migrations {', '.join(pending)}: run `seatwatch migrate`")
         return pool
@@ -216,24 +216,21 @@ class Daemon:
         return True
 
     async def _open_pool(self) -> asyncpg.Pool:
-        return await db.create_pool(
+        return await create_pool(
             self.settings.database_url.reveal(), min_size=1, max_size=self.settings.concurrency + 3
         )
 
     async def _until_ready(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not self.stopping.is_set():
             try:
                 return await attempt()
-            except (
-                *db.CONNECTION_ERRORS,
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-            ) as exc:
-                logger.warning("waiting for %s: %s (retry in %.0fs)", what, exc.__class__.__name__, delay)
-            with anyio.move_on_after(delay):
+            except (StoreUnavailable, *CONNECTION_ERRORS) as exc:
+                wait_s = backoff.failed()
+                # Every try is logged: start-up is when an operator is watching.
+                logger.warning("waiting for %s: %s (retry in %.0fs)", what, _cause_name(exc), wait_s)
+            with anyio.move_on_after(wait_s):
                 await self.stopping.wait()
-            delay = min(30.0, delay * 2)
         return None
 
     async def _work(self, pool: asyncpg.Pool, stack: contextlib.AsyncExitStack) -> None:
@@ -295,7 +292,7 @@ class Daemon:
         if self._work_scope.cancelled_caught:
             logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
         with anyio.move_on_after(5, shield=True):
-            with contextlib.suppress(*db.CONNECTION_ERRORS, redis.exceptions.RedisError):
+            with contextlib.suppress(*CONNECTION_ERRORS, redis.exceptions.RedisError):
                 await parts.ledger.flush()
 
     async def _essential(self, name: str, loop: Callable[[anyio.Event], Awaitable[None]]) -> None:
@@ -523,6 +520,13 @@ class Daemon:
             },
         )
         return self.parts.metrics.exposition()
+
+
+def _cause_name(exc: BaseException) -> str:
+    """The driver's exception class behind a ``StoreUnavailable`` (what the log always named)."""
+    if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
+        return exc.__cause__.__class__.__name__
+    return exc.__class__.__name__
 
 
 def _single_cause(exc: BaseException) -> BaseException:

@@ -1,150 +1,23 @@
-"""Postgres: the asyncpg pool, the migrations, and typed calls to seatwatch's SQL functions.
+"""Postgres queries: typed calls to seatwatch's SQL functions and the outbox's statements.
 
-Supabase's pooler runs in session mode on port 5432 (prepared statements are fine) and in transaction mode
-on 6543, where a prepared statement may land on another server connection; there the statement cache is
-off. Nothing here relies on session state across transactions: the migration lock is transaction-scoped.
+The pool and the outage boundary are ``store.pool``; the schema is ``store.migrations`` and ``store/sql``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
-
-import asyncpg
+from typing import TYPE_CHECKING, Any
 
 from daemon.detect import PreviousState
+from daemon.store.pool import CONNECTION_ERRORS as CONNECTION_ERRORS  # where pipeline and outbox look
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import asyncpg
+
 logger = logging.getLogger(__name__)
-
-TRANSACTION_POOLER_PORT: Final = 6543
-
-# Connection-level failures: Postgres is away, not wrong. Jobs that hit these are deferred, not failed.
-CONNECTION_ERRORS: Final = (
-    OSError,
-    ConnectionError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.InterfaceError,
-)
-
-
-def connect_options(dsn: str) -> dict[str, Any]:
-    """asyncpg options for ``dsn``: no statement cache behind a transaction-mode pooler."""
-    options: dict[str, Any] = {"dsn": dsn, "command_timeout": 60}
-    try:
-        port = urlsplit(dsn).port
-    except ValueError:
-        port = None
-    if port == TRANSACTION_POOLER_PORT:
-        options["statement_cache_size"] = 0
-    return options
-
-
-async def _reset(conn: asyncpg.Connection) -> None:
-    """Ready a connection for its next user without a round trip when there is nothing to undo.
-
-    asyncpg's default reset sends four statements on every release (advisory unlock, CLOSE, UNLISTEN,
-    RESET ALL). seatwatch keeps no session state (its locks are transaction-scoped), so only a
-    transaction left open by a cancellation needs rolling back.
-    """
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool that opens lazily beyond ``min_size`` and recycles idle connections."""
-    return await asyncpg.create_pool(
-        **connect_options(dsn),
-        min_size=min_size,
-        max_size=max_size,
-        max_inactive_connection_lifetime=300,
-        reset=_reset,
-    )
-
-
-async def connect(dsn: str) -> asyncpg.Connection:
-    return await asyncpg.connect(**connect_options(dsn))
-
-
-# -- migrations ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Migration:
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-def migrations() -> list[Migration]:
-    """The numbered files of ``daemon/sql``, in order."""
-    folder = resources.files("daemon.store") / "sql"
-    found = [
-        Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
-        for entry in folder.iterdir()
-        if entry.name.endswith(".sql")
-    ]
-    return sorted(found, key=lambda m: m.name)
-
-
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply every migration not yet recorded, in one transaction; return the names applied.
-
-    A transaction-scoped advisory lock makes concurrent runs queue behind each other (and works through a
-    transaction-mode pooler, where session locks would not); the second run then finds nothing to do.
-    """
-    applied: list[str] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('seatwatch:migrate', 0))")
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS seatwatch_migrations (
-                name       text PRIMARY KEY,
-                checksum   text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        )
-        done = {r["name"]: r["checksum"] for r in await conn.fetch("SELECT name, checksum FROM seatwatch_migrations")}
-        for migration in migrations():
-            if migration.name in done:
-                if done[migration.name] != migration.checksum:
-                    logger.warning("migration %s changed after it was applied; it is not run again", migration.name)
-                continue
-            logger.info("applying migration %s", migration.name)
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO seatwatch_migrations (name, checksum) VALUES ($1, $2)",
-                migration.name,
-                migration.checksum,
-            )
-            applied.append(migration.name)
-    return applied
-
-
-async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
-    """Names of migrations not applied yet (for `check` and start-up)."""
-    exists = await conn.fetchval("SELECT to_regclass('seatwatch_migrations') IS NOT NULL")
-    done: set[str] = set()
-    if exists:
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM seatwatch_migrations")}
-    return [m.name for m in migrations() if m.name not in done]
-
 
 # -- typed calls -------------------------------------------------------------------------------------
 

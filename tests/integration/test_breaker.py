@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
+from daemon.primitives.clients import RedisClients
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator, Sequence

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
+    from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
-    from daemon.primitives.usage import RedisClients
     from tests.support.stubs import ScraperStub
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.primitives.scripts import SCRIPTS, source
-from daemon.store.db import migrations
+from daemon.store.migrations import migrations
 
 ROOT = Path(__file__).resolve().parents[2]
 

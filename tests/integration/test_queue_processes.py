@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from daemon.keys import Keys
+    from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
-    from daemon.primitives.usage import RedisClients
 
 pytestmark = pytest.mark.slow
 

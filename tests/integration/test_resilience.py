@@ -11,10 +11,12 @@ import httpx
 import pytest
 import redis.exceptions
 
+from daemon.consumer import Consumer, Ticket, _Unsent
+from daemon.jobs import Done, Malformed
 from daemon.outbox import OutboxSender
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.lock import CronLock, Grant
-from daemon.primitives.queue import Consumer, Done, Malformed, Queue, Ticket, _Unsent
+from daemon.primitives.queue import Queue
 from daemon.runtime.metrics import Metrics
 from daemon.scheduler import Scheduler, enqueue_under, slot_id
 from daemon.upstream.mailer import ResendTransport
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
+    from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
-    from daemon.primitives.usage import RedisClients
 
 
 UTC_ZONE = ZoneInfo("UTC")

@@ -9,9 +9,9 @@ import redis.exceptions
 
 from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
+from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
 from daemon.primitives.scripts import SCRIPTS, Scripts
-from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from pathlib import Path

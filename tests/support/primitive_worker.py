@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
+from daemon.errors import LockBusy
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
-from daemon.primitives.lock import CronLock, LockBusy
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 import anyio
 import redis.asyncio as aioredis
 
+from daemon.consumer import Consumer, Ticket
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
-from daemon.primitives.queue import Consumer, Queue, Ticket
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import RedisClients
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
