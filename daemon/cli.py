@@ -9,21 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import anyio
 
 from daemon import __version__
-from daemon.config import EX_CONFIG, NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
-from daemon.errors import ConfigError
+from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
+from daemon.errors import ConfigError, Exit
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
-
-EX_OK: Final = 0
-EX_FAILURE: Final = 1
-EX_USAGE: Final = 2
-EX_LOCKED: Final = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +70,7 @@ def load_settings(needs: str, env: dict[str, str] | None = None) -> Settings:
         return Settings.from_env(env, needs=needs, timeout_stop_s=timeout_stop_s)
     except ConfigError as exc:
         print(f"seatwatch: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+        raise SystemExit(Exit.CONFIG) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +104,7 @@ def _async(fn: Callable[[], Awaitable[int]]) -> int:
         return anyio.run(fn)
     except (redis.exceptions.RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         print(f"seatwatch: {exc.__class__.__name__}: {redact_url(str(exc))}", file=sys.stderr)
-        return EX_FAILURE
+        return Exit.FAILURE
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -143,7 +138,7 @@ def _migrate(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
         print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")
-        return EX_OK
+        return Exit.OK
 
     return _async(go)
 
@@ -156,7 +151,7 @@ def _check(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _, _ in results)
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name.ljust(width)}  {detail}")
-    return EX_OK if all(ok for _, ok, _ in results) else EX_FAILURE
+    return Exit.OK if all(ok for _, ok, _ in results) else Exit.FAILURE
 
 
 def _tick(args: argparse.Namespace) -> int:

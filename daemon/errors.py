@@ -135,3 +135,10 @@ class FatalStartError(SeatwatchError):
 
 class EmbeddedUnavailable(SeatwatchError, RuntimeError):
     """The embedded extra is not installed (``pip install 'seatwatch[embedded]'``)."""
+
+
+def error_name(exc: BaseException) -> str:
+    """The class name an operator knows: the driver's error behind a ``StoreUnavailable``, else ``exc``'s own."""
+    if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
+        return exc.__cause__.__class__.__name__
+    return exc.__class__.__name__

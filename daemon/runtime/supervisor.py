@@ -16,8 +16,7 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -25,24 +24,19 @@ import redis.exceptions
 
 from daemon.backoff import Backoff
 from daemon.consumer import Consumer
-from daemon.errors import Exit, FatalStartError, StoreUnavailable
-from daemon.keys import Keys
+from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
-from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
-from daemon.primitives.clients import RedisClients
-from daemon.primitives.lock import CronLock
-from daemon.primitives.queue import Queue
-from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import UsageLedger
-from daemon.runtime.health import HealthReport, HealthServer, Probe, iso, overall
-from daemon.runtime.metrics import Metrics
+from daemon.primitives.clients import REDIS_ERRORS
+from daemon.runtime import report
+from daemon.runtime.health import HealthServer
+from daemon.runtime.monitor import Monitor
 from daemon.runtime.systemd import Notifier, Progress
+from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
-from daemon.store import db
 from daemon.store.migrations import pending_migrations
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
-from daemon.upstream.mailer import FileTransport, Renderer, ResendTransport
+from daemon.upstream.mailer import Renderer
 from daemon.upstream.scraper import Scraper
 
 if TYPE_CHECKING:
@@ -51,66 +45,13 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.config import Settings
-    from daemon.upstream.mailer import Transport
 
 logger = logging.getLogger(__name__)
 
-MONITOR_INTERVAL_S: Final = 5.0
-OUTBOX_COUNTS_EVERY_S: Final = 30.0
-USAGE_FLUSH_S: Final = 1800.0
-
-
-@dataclass
-class Parts:
-    """Everything built from the settings; shared by the daemon, the admin commands and the demo."""
-
-    settings: Settings
-    keys: Keys
-    clients: RedisClients
-    scripts: Scripts
-    lock: CronLock
-    breaker: CircuitBreaker
-    queue: Queue
-    ledger: UsageLedger
-    metrics: Metrics
-
-
-def build_parts(settings: Settings) -> Parts:
-    """Redis-side parts; nothing connects until used."""
-    keys = Keys(settings.redis_prefix)
-    clients = RedisClients(settings.redis_url.reveal())
-    scripts = Scripts(clients.client("startup"))
-    breaker_config = BreakerConfig.from_settings(settings)
-    return Parts(
-        settings=settings,
-        keys=keys,
-        clients=clients,
-        scripts=scripts,
-        lock=CronLock(clients.client("lock"), keys, scripts, ttl_s=settings.lock_ttl_s, holder=settings.consumer),
-        breaker=CircuitBreaker(clients.client("breaker"), keys, scripts, breaker_config),
-        queue=Queue(
-            clients.client("queue"),
-            clients.client("queue", blocking=True),
-            keys,
-            scripts,
-            consumer=settings.consumer,
-            visibility_timeout_s=settings.visibility_timeout_s,
-            max_attempts=settings.max_attempts,
-            breaker=breaker_config,
-        ),
-        ledger=UsageLedger(clients, keys, scripts, time.time),
-        metrics=Metrics(),
-    )
-
-
-def make_transport(settings: Settings, http: httpx.AsyncClient) -> Transport:
-    if settings.email_transport == "file":
-        assert settings.outbox_dir is not None
-        return FileTransport(settings.outbox_dir)
-    return ResendTransport(http, settings.resend_api_url, settings.resend_api_key.reveal())
-
 
 class Daemon:
+    """The ``seatwatch run`` process: builds the parts, waits for the stores, runs the loops, drains on signal."""
+
     def __init__(
         self,
         settings: Settings,
@@ -125,25 +66,22 @@ class Daemon:
         self.parts = build_parts(settings)
         self.progress = Progress()
         self.stopping = anyio.Event()
-        self.redis_probe = Probe()
-        self.db_probe = Probe()
-        self.outbox_counts: dict[str, int] | None = None
-        self._counts_due = 0.0
+        self.monitor = Monitor(self.parts.clients, self.parts.ledger, self.notifier, self.progress)
         self.retry_base_s = retry_base_s
         self.idle_block_s = idle_block_s
         self.idle_maintenance_s = idle_maintenance_s
-        self.health = HealthServer(self.report, self.metrics_exposition)
+        self.health = HealthServer(lambda: report.health(self), lambda: report.metrics_exposition(self))
         self.consumer: Consumer | None = None
         self.scheduler: Scheduler | None = None
         self.outbox: OutboxSender | None = None
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
-        self._status_line = ""
         self._started = False  # READY=1 was sent
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Run until stopped; the exit status (0 after a drain, 1 when something broke)."""
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self.parts.clients.aclose)
@@ -228,7 +166,7 @@ class Daemon:
             except (StoreUnavailable, *CONNECTION_ERRORS) as exc:
                 wait_s = backoff.failed()
                 # Every try is logged: start-up is when an operator is watching.
-                logger.warning("waiting for %s: %s (retry in %.0fs)", what, _cause_name(exc), wait_s)
+                logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
             with anyio.move_on_after(wait_s):
                 await self.stopping.wait()
         return None
@@ -267,9 +205,9 @@ class Daemon:
             metrics=parts.metrics,
             progress=self.progress,
         )
-        await self._probe(pool)
+        await self.monitor.probe(pool)
         logger.info("configuration: %s", settings.summary())
-        self.notifier.ready(self._status())
+        self.notifier.ready(report.status_line(self))
         self._started = True
         logger.info(
             "ready: consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
@@ -287,246 +225,23 @@ class Daemon:
                 work.start_soon(self._essential, "consumer", self.consumer.run)
                 work.start_soon(self._essential, "scheduler", self.scheduler.run)
                 work.start_soon(self._essential, "outbox", self.outbox.run)
-                work.start_soon(self._essential, "monitor", lambda stopping: self._monitor(pool, stopping))
-                work.start_soon(self._essential, "usage", self._flush_usage)
+                work.start_soon(
+                    self._essential, "monitor", lambda stopping: self.monitor.run(pool, self._status_line, stopping)
+                )
+                work.start_soon(self._essential, "usage", self.monitor.flush_usage)
         if self._work_scope.cancelled_caught:
             logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
         with anyio.move_on_after(5, shield=True):
-            with contextlib.suppress(*CONNECTION_ERRORS, redis.exceptions.RedisError):
+            with contextlib.suppress(*CONNECTION_ERRORS, *REDIS_ERRORS):
                 await parts.ledger.flush()
+
+    def _status_line(self) -> str:
+        return report.status_line(self)
 
     async def _essential(self, name: str, loop: Callable[[anyio.Event], Awaitable[None]]) -> None:
         await loop(self.stopping)
         if not self.stopping.is_set():
             raise RuntimeError(f"the {name} loop ended while the daemon was running")
-
-    # -- monitor, usage ----------------------------------------------------------------------------------------
-
-    async def _monitor(self, pool: asyncpg.Pool, stopping: anyio.Event) -> None:
-        """Probe Postgres and Redis, refresh STATUS=, feed the watchdog while every loop keeps its promise."""
-        watchdog_every = (self.notifier.watchdog_s or 30.0) / 3
-        last_watchdog = 0.0
-        while not stopping.is_set():
-            await self._probe(pool)
-            status = self._status()
-            if status != self._status_line:
-                self._status_line = status
-                self.notifier.status(status)
-            overdue = self.progress.overdue()
-            if overdue:
-                logger.error("loops not making progress: %s; the watchdog is not fed", ", ".join(overdue))
-            elif time.monotonic() - last_watchdog >= watchdog_every:
-                self.notifier.watchdog()
-                last_watchdog = time.monotonic()
-            with anyio.move_on_after(min(MONITOR_INTERVAL_S, watchdog_every)):
-                await stopping.wait()
-
-    async def _probe(self, pool: asyncpg.Pool) -> None:
-        """Liveness of Redis (PING, free on Upstash) and Postgres (SELECT 1); the outbox counts every 30 s."""
-        started = time.perf_counter()
-        try:
-            with anyio.fail_after(3):
-                await self.parts.clients.ping()
-        except Exception as exc:
-            self._set_probe(self.redis_probe, False, started, exc)
-        else:
-            self._set_probe(self.redis_probe, True, started)
-        started = time.perf_counter()
-        try:
-            with anyio.fail_after(3):
-                await pool.fetchval("SELECT 1")
-                if time.monotonic() >= self._counts_due:
-                    self.outbox_counts = await db.outbox_counts(pool)
-                    self._counts_due = time.monotonic() + OUTBOX_COUNTS_EVERY_S
-        except Exception as exc:
-            self._set_probe(self.db_probe, False, started, exc)
-        else:
-            self._set_probe(self.db_probe, True, started)
-
-    def _set_probe(self, probe: Probe, ok: bool, started: float, exc: BaseException | None = None) -> None:
-        if probe.ok and not ok:
-            logger.warning(
-                "health: %s unreachable (%s)",
-                "Redis" if probe is self.redis_probe else "Postgres",
-                exc.__class__.__name__ if exc else "",
-            )
-        probe.ok = ok
-        probe.latency_ms = (time.perf_counter() - started) * 1000
-        probe.error = None if ok or exc is None else (exc.__class__.__name__ or "error")
-        probe.at = time.monotonic()
-
-    async def _flush_usage(self, stopping: anyio.Event) -> None:
-        while not stopping.is_set():
-            with anyio.move_on_after(USAGE_FLUSH_S):
-                await stopping.wait()
-            if stopping.is_set():
-                return
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self.parts.ledger.flush()
-
-    # -- reporting -------------------------------------------------------------------------------------------
-
-    def _status(self) -> str:
-        state = self.consumer.state if self.consumer else None
-        stats = state.stats if state else None
-        breaker = state.breaker.state if state and state.breaker else "CLOSED"
-        last = self.scheduler.last_tick if self.scheduler else None
-        parts = [
-            "draining" if self.stopping.is_set() else "running",
-            f"breaker {breaker}",
-            f"jobs running {state.running if state else 0}",
-        ]
-        if stats:
-            parts.append(f"waiting {stats.waiting} delayed {stats.delayed} dead {stats.dead_letters}")
-        if last:
-            parts.append(f"last tick {last.slot or 'manual'} +{last.enqueued}")
-        if not (self.redis_probe.ok and self.db_probe.ok):
-            parts.append(
-                "redis "
-                + ("up" if self.redis_probe.ok else "DOWN")
-                + ", postgres "
-                + ("up" if self.db_probe.ok else "DOWN")
-            )
-        return "; ".join(parts)
-
-    def report(self) -> HealthReport:
-        now = time.monotonic()
-        state = self.consumer.state if self.consumer else None
-        checks: dict[str, dict[str, Any]] = {
-            "database": self.db_probe.check(now),
-            "redis": self.redis_probe.check(now),
-        }
-        breaker = state.breaker if state else None
-        breaker_check: dict[str, Any] = {
-            "status": "healthy",
-            "state": "CLOSED",
-            "failure_count": 0,
-            "success_count": 0,
-            "last_failure": None,
-            "last_state_change": None,
-        }
-        if breaker is not None:
-            breaker_check = {
-                "status": "healthy" if breaker.state == "CLOSED" else "degraded",
-                "state": breaker.state,
-                "failure_count": breaker.failures,
-                "success_count": breaker.successes,
-                "last_failure": iso(breaker.last_failure_ms / 1000) if breaker.last_failure_ms else None,
-                "last_state_change": iso(breaker.last_change_ms / 1000) if breaker.last_change_ms else None,
-            }
-        breaker_check["age_s"] = round(now - state.breaker_at, 1) if state and state.breaker_at else None
-        checks["circuit_breaker"] = breaker_check
-        checks["cron_lock"] = self._lock_check()
-        stats = state.stats if state else None
-        checks["queue"] = {
-            "status": "healthy",
-            **(stats.as_dict() if stats else {"waiting": None, "pending": None, "delayed": None, "dead_letters": None}),
-            "running_here": state.running if state else 0,
-            "age_s": round(now - state.stats_at, 1) if state and state.stats_at else None,
-        }
-        sched = self.scheduler
-        last = sched.last_tick if sched else None
-        checks["scheduler"] = {
-            "status": "degraded" if sched and sched.overdue() else "healthy",
-            "schedule": self.settings.cron,
-            "timezone": self.settings.timezone,
-            "stagger": self.settings.stagger,
-            "last_tick": last.as_dict() if last else None,
-            "next_tick": sched.next_tick.isoformat() if sched and sched.next_tick else None,
-        }
-        counts = self.outbox_counts or {}
-        failing = bool(self.outbox and self.outbox.failing) or counts.get("failed_24h", 0) > 0
-        checks["outbox"] = {
-            "status": "degraded" if failing else "healthy",
-            "pending": counts.get("pending"),
-            "failed": counts.get("failed"),
-            "failed_24h": counts.get("failed_24h"),
-            "last_error": self.outbox.last_error if self.outbox else None,
-        }
-        configured = self.settings.email_transport == "file" or bool(self.settings.resend_api_key)
-        checks["email"] = {
-            "status": "healthy" if configured else "unhealthy",
-            "configured": configured,
-            "transport": self.settings.email_transport,
-        }
-        checks["configuration"] = {
-            "status": "healthy",
-            "consumer": self.settings.consumer,
-            "concurrency": self.settings.concurrency,
-            "stagger": self.settings.stagger,
-        }
-        status = overall(checks)
-        return HealthReport(
-            status,
-            {
-                "timestamp": iso(time.time()),
-                "status": status,
-                "checks": checks,
-                "uptime_s": round(time.time() - self.started_at),
-            },
-        )
-
-    def _lock_check(self) -> dict[str, Any]:
-        held = self.scheduler.holding if self.scheduler else None
-        seen = self.scheduler.last_busy if self.scheduler else None
-        now_ms = int(time.time() * 1000)
-        if held is not None:
-            return {
-                "status": "healthy",
-                "locked": True,
-                "lock_holder": self.settings.consumer,
-                "lock_acquired_at": iso(held.acquired_at_ms / 1000),
-                "time_held_ms": now_ms - held.acquired_at_ms,
-                "expires_at": iso(held.expires_at_ms / 1000),
-            }
-        if seen is not None and seen.expires_at_ms > now_ms:
-            return {
-                "status": "healthy",
-                "locked": True,
-                "lock_holder": seen.holder,
-                "lock_acquired_at": iso(seen.acquired_at_ms / 1000),
-                "time_held_ms": now_ms - seen.acquired_at_ms,
-                "expires_at": iso(seen.expires_at_ms / 1000),
-            }
-        return {
-            "status": "healthy",
-            "locked": False,
-            "lock_holder": None,
-            "lock_acquired_at": None,
-            "time_held_ms": None,
-            "expires_at": None,
-        }
-
-    def metrics_exposition(self) -> bytes:
-        state = self.consumer.state if self.consumer else None
-        now = time.monotonic()
-        self.parts.metrics.refresh(
-            queue=state.stats if state else None,
-            breaker=state.breaker if state else None,
-            outbox=self.outbox_counts,
-            redis_commands=dict(self.parts.clients.usage.total),
-            jobs={
-                "completed": state.completed,
-                "retried": state.retried,
-                "deferred": state.deferred,
-                "dead_lettered": state.dead_lettered,
-            }
-            if state
-            else None,
-            ages={
-                "queue": now - state.stats_at if state and state.stats_at else None,
-                "breaker": now - state.breaker_at if state and state.breaker_at else None,
-                "database": now - self.db_probe.at if self.db_probe.at else None,
-            },
-        )
-        return self.parts.metrics.exposition()
-
-
-def _cause_name(exc: BaseException) -> str:
-    """The driver's exception class behind a ``StoreUnavailable`` (what the log always named)."""
-    if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
-        return exc.__cause__.__class__.__name__
-    return exc.__class__.__name__
 
 
 def _single_cause(exc: BaseException) -> BaseException:

@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.primitives.breaker import BreakerState
 from daemon.primitives.queue import QueueStats
-from daemon.runtime.health import MAX_REQUESTS_PER_CONNECTION, HealthReport, HealthServer, iso
+from daemon.runtime.health import MAX_REQUESTS_PER_CONNECTION, HealthServer
 from daemon.runtime.metrics import Metrics
+from daemon.runtime.report import HealthReport, iso
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
