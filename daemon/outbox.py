@@ -53,6 +53,8 @@ PURGE_EVERY_S: Final = 3600.0
 
 @dataclass(frozen=True)
 class Batch:
+    """One leased batch of outbox rows, sent as one request under one idempotency key."""
+
     key: str
     attempts: int
     age_s: float
@@ -62,6 +64,8 @@ class Batch:
 
 
 class OutboxSender:
+    """Drains ``seatwatch_outbox`` into the email transport, a batch at a time, until ``stopping``."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,

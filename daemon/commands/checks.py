@@ -21,6 +21,7 @@ Result = tuple[str, bool, str]
 
 
 async def run_checks(settings: Settings) -> list[Result]:
+    """``seatwatch check``: (name, ok, detail) for configuration, Postgres, Redis, scraper and email."""
     results: list[Result] = [
         (
             "configuration",

@@ -197,6 +197,7 @@ def _port(preferred: int) -> int:
 
 
 def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, str]) -> int:
+    """``seatwatch demo``: the whole pipeline on this machine, embedded servers and a simulated scraper."""
     folder = Path(dir_).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)  # noqa: S103 - pgserver runs postgres as its own user when we are root

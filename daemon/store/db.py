@@ -72,6 +72,8 @@ async def claim(
 
 @dataclass(frozen=True)
 class OutboxRow:
+    """One rendered email to insert into ``seatwatch_outbox``."""
+
     watch_id: str
     user_id: str
     notification_type: str
