@@ -8,8 +8,8 @@ counts a breaker failure and is retried.
 from __future__ import annotations
 
 import html
-import json
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
