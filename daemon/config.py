@@ -29,8 +29,6 @@ from daemon.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-EX_CONFIG: Final = 78
-
 
 class Secret:
     """A string that never shows itself in ``repr``, ``str`` or an f-string."""

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from daemon import db
 from daemon.detect import Changes, Drift, Observation, detect
 from daemon.errors import (
     DeferJob,
@@ -27,16 +26,17 @@ from daemon.errors import (
     SectionNotFound,
 )
 from daemon.logs import mask_email
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import asyncpg
 
-    from daemon.mailer import Renderer
-    from daemon.metrics import Metrics
-    from daemon.queue import Ticket
-    from daemon.scraper import Scraper
+    from daemon.consumer import Ticket
+    from daemon.runtime.metrics import Metrics
+    from daemon.upstream.mailer import Renderer
+    from daemon.upstream.scraper import Scraper
 
 logger = logging.getLogger(__name__)
 

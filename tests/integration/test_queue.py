@@ -17,17 +17,19 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from daemon import queue as queue_module
-from daemon.breaker import BreakerConfig, CircuitBreaker
+from daemon.consumer import Consumer, Handler, Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
-from daemon.queue import Consumer, Done, Handler, Malformed, Queue, Ticket
+from daemon.jobs import Done, Malformed
+from daemon.primitives import queue as queue_module
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.queue import Queue
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 TERM = "2261"
 FAST_BREAKER = BreakerConfig(failures=3, recovery_s=1.0, successes=1, half_open_max=2, trial_ttl_s=3)

@@ -11,13 +11,15 @@ import httpx
 import pytest
 import redis.exceptions
 
-from daemon.breaker import BreakerConfig, CircuitBreaker
-from daemon.lock import CronLock, Grant
-from daemon.mailer import ResendTransport
-from daemon.metrics import Metrics
+from daemon.consumer import Consumer, Ticket, _Unsent
+from daemon.jobs import Done, Malformed
 from daemon.outbox import OutboxSender
-from daemon.queue import Consumer, Done, Malformed, Queue, Ticket, _Unsent
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.lock import CronLock, Grant
+from daemon.primitives.queue import Queue
+from daemon.runtime.metrics import Metrics
 from daemon.scheduler import Scheduler, enqueue_under, slot_id
+from daemon.upstream.mailer import ResendTransport
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 
 UTC_ZONE = ZoneInfo("UTC")

@@ -21,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.consumer import Ticket
 from daemon.errors import RetryableJobError
-from daemon.mailer import Renderer
-from daemon.metrics import Metrics
+from daemon.jobs import Job
 from daemon.pipeline import Pipeline
-from daemon.queue import Job, Ticket
-from daemon.scraper import Scraper
+from daemon.runtime.metrics import Metrics
+from daemon.upstream.mailer import Renderer
+from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data

@@ -18,7 +18,7 @@ from daemon.errors import (
     ScrapeRejected,
     SectionNotFound,
 )
-from daemon.scraper import interpret, parse_observation, parse_retry_after
+from daemon.upstream.scraper import interpret, parse_observation, parse_retry_after
 
 
 def data(**overrides: Any) -> dict[str, Any]:
@@ -318,7 +318,7 @@ def test_parse_retry_after_always_sane(value: str | None) -> None:
 
 
 def reference_valid(content: Any) -> bool:
-    """SPEC §7.2's validation, written independently of daemon.scraper: only the seat counts decide."""
+    """SPEC §7.2's validation, written independently of daemon.upstream.scraper: only the seat counts decide."""
     if not isinstance(content, dict) or content.get("success") is not True:
         return False
     fields = content.get("data")

@@ -14,8 +14,8 @@ from prometheus_client.process_collector import ProcessCollector
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from daemon.breaker import BreakerState
-    from daemon.queue import QueueStats
+    from daemon.primitives.breaker import BreakerState
+    from daemon.primitives.queue import QueueStats
 
 BREAKER_STATES = ("CLOSED", "HALF_OPEN", "OPEN")
 

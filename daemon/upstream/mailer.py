@@ -27,7 +27,7 @@ import orjson
 
 from daemon.detect import INSTRUCTOR_ASSIGNED, SEAT_AVAILABLE, Observation
 from daemon.errors import EmailError
-from daemon.scraper import parse_retry_after
+from daemon.upstream.scraper import parse_retry_after
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

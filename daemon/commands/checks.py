@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.exceptions
 
-from daemon import db
 from daemon.config import redact_url
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.store.migrations import pending_migrations
+from daemon.store.pool import CONNECTION_ERRORS, connect
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -35,8 +36,8 @@ async def run_checks(settings: Settings) -> list[Result]:
 
 async def _postgres(settings: Settings) -> Result:
     try:
-        conn = await db.connect(settings.database_url.reveal())
-    except (*db.CONNECTION_ERRORS, OSError) as exc:
+        conn = await connect(settings.database_url.reveal())
+    except (*CONNECTION_ERRORS, OSError) as exc:
         return (
             "postgres",
             False,
@@ -46,7 +47,7 @@ async def _postgres(settings: Settings) -> Result:
         return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
     try:
         version = await conn.fetchval("SHOW server_version")
-        pending = await db.pending_migrations(conn)
+        pending = await pending_migrations(conn)
     finally:
         await conn.close()
     if pending:

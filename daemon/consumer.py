@@ -1,8 +1,6 @@
-"""The section queue on a Redis Stream: at-least-once, deduplicated, reclaimed, retried, dead-lettered.
+"""The queue's runtime: one blocking reader feeding a bounded pool of workers, a settler and a maintainer.
 
-Two layers. ``Queue`` is the Redis primitive: each method is one command (mostly one script call).
-``Consumer`` is the runtime: one blocking reader feeding a bounded pool of workers, a settler, and a
-maintainer. It is built to be frugal, because production Redis bills every command:
+It is built to be frugal, because production Redis bills every command:
 
 * Idle, the only traffic is one blocking ``XREADGROUP`` every ``idle_block_s`` and one maintenance call
   every ``idle_maintenance_s``: no polling loop, and nothing that grows with the concurrency.
@@ -19,113 +17,28 @@ idle for the visibility timeout, and a restarted daemon requeues its own unackno
 from __future__ import annotations
 
 import logging
-import random
-import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import orjson
-import redis.exceptions
 
-from daemon.breaker import BreakerConfig, BreakerState, OutcomeKind, trial_list
+from daemon.backoff import Backoff, Outage, retry_delay_s
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
+from daemon.jobs import Done, Job, Malformed
+from daemon.primitives.clients import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Sequence
 
     from anyio.abc import TaskGroup
 
-    from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.systemd import Progress
-    from daemon.usage import CountingRedis
+    from daemon.primitives.breaker import BreakerState, OutcomeKind
+    from daemon.primitives.queue import CycleResult, Queue, QueueStats
+    from daemon.runtime.systemd import Progress
 
 logger = logging.getLogger(__name__)
-
-ENQUEUE_CHUNK: Final = 2000  # sections per enqueue script call (keeps each call's request small)
-DEAD_LETTER_MAXLEN: Final = 10_000
-MAINTENANCE_BATCH: Final = 500
-REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError)
-
-
-# -- jobs ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """One delivery of a section check. ``attempts`` were spent before this one."""
-
-    entry_id: str
-    id: str
-    term: str
-    class_nbr: str
-    attempts: int
-    enqueued_ms: int
-
-    @property
-    def attempt(self) -> int:
-        """1 for the first delivery, 2 for the first retry, ..."""
-        return self.attempts + 1
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A stream entry that is not a job: it goes to the dead-letter stream as it is."""
-
-    entry_id: str
-    fields: dict[str, str]
-    reason: str
-
-
-MAX_ATTEMPTS_FIELD: Final = 1000
-MAX_ENQUEUED_MS: Final = 2**53  # anything larger is not a time, and would not survive Lua's doubles
-_PRINTABLE: Final = re.compile(rb"[!-~]+")  # printable ASCII, no blanks: what term and class numbers are
-_WHOLE: Final = re.compile(rb"[0-9]+")
-
-# The reasons an entry is not a job. queue_lib.lua's q_not_a_job gives the same ones in the same order, so
-# an entry fares the same whether the blocking reader or the settle script takes it.
-NO_FIELDS: Final = "malformed entry: no term or class_nbr"
-NOT_PRINTABLE: Final = "malformed entry: term or class_nbr is not printable ASCII"
-ID_MISMATCH: Final = "malformed entry: id does not match term and class_nbr"
-NOT_WHOLE: Final = "malformed entry: attempts or enqueued_ms is not a whole number"
-OUT_OF_RANGE: Final = "malformed entry: attempts or enqueued_ms out of range"
-
-
-def usable_section(term: str, class_nbr: str) -> bool:
-    """Whether (term, class_nbr) can travel as a job: printable ASCII without blanks."""
-    return bool(_PRINTABLE.fullmatch(term.encode())) and bool(_PRINTABLE.fullmatch(class_nbr.encode()))
-
-
-def _bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode("utf-8")
-
-
-def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, str]) -> Job | Malformed:
-    """A job from a stream entry, or why it is not one. Never raises: whatever is in the stream is data."""
-    eid = _bytes(entry_id).decode("ascii", "replace")
-    raw = {_bytes(k): _bytes(v) for k, v in fields.items()}
-    shown = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace") for k, v in raw.items()}
-
-    def malformed(reason: str) -> Malformed:
-        return Malformed(eid, shown, reason)
-
-    term, class_nbr = raw.get(b"term", b""), raw.get(b"class_nbr", b"")
-    if not term or not class_nbr:
-        return malformed(NO_FIELDS)
-    if not (_PRINTABLE.fullmatch(term) and _PRINTABLE.fullmatch(class_nbr)):
-        return malformed(NOT_PRINTABLE)
-    if raw.get(b"id") != term + b"-" + class_nbr:
-        return malformed(ID_MISMATCH)
-    attempts, enqueued = raw.get(b"attempts", b"0"), raw.get(b"enqueued_ms", b"0")
-    if not (_WHOLE.fullmatch(attempts) and _WHOLE.fullmatch(enqueued)):
-        return malformed(NOT_WHOLE)
-    if int(attempts) > MAX_ATTEMPTS_FIELD or int(enqueued) > MAX_ENQUEUED_MS:
-        return malformed(OUT_OF_RANGE)
-    job_id = (term + b"-" + class_nbr).decode("ascii")
-    return Job(eid, job_id, term.decode("ascii"), class_nbr.decode("ascii"), int(attempts), int(enqueued))
 
 
 @dataclass
@@ -138,9 +51,11 @@ class Ticket:
     read_at: float = 0.0  # when the reader got it (its idle time in Redis counts from about then)
 
     def success(self) -> None:
+        """The breaker-guarded call succeeded."""
         self.breaker = "s"
 
     def failure(self) -> None:
+        """The breaker-guarded call failed (the upstream's fault)."""
         self.breaker = "f"
 
 
@@ -148,326 +63,6 @@ class Handler(Protocol):
     """Does one job. Returning acknowledges it; ``errors.JobError`` subclasses say what else to do."""
 
     async def __call__(self, ticket: Ticket) -> None: ...
-
-
-@dataclass(frozen=True)
-class Done:
-    """A settled delivery, as the cycle script takes it."""
-
-    job: Job | Malformed
-    action: str  # ack | retry | defer | requeue | dead | poison
-    delay_s: float = 0.0
-    error: str = ""
-    attempts: int = 0  # attempts spent after this delivery (what a retry carries forward)
-
-    def lua(self) -> list[Any]:
-        if isinstance(self.job, Malformed):
-            raw = orjson.dumps(self.job.fields).decode()
-            return [
-                self.job.entry_id,
-                self.job.fields.get("id", ""),
-                "poison",
-                0,
-                "",
-                "",
-                0,
-                0,
-                self.error,
-                raw,
-            ]
-        j = self.job
-        return [
-            j.entry_id,
-            j.id,
-            self.action,
-            int(self.delay_s * 1000),
-            j.term,
-            j.class_nbr,
-            self.attempts,
-            j.enqueued_ms,
-            self.error,
-            "",
-        ]
-
-
-# -- the Redis primitive -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnqueueResult:
-    added: int
-    skipped: int
-    fenced: bool = False
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    waiting: int
-    pending: int
-    delayed: int
-    dead_letters: int
-    next_due_in_s: float | None = None
-    next_reclaim_in_s: float | None = None
-    promoted: int = 0
-    requeued: int = 0
-    dead: int = 0
-
-    @classmethod
-    def from_lua(cls, reply: dict[str, Any]) -> QueueStats:
-        """From a script reply: the stream holds waiting and pending entries (settled ones are deleted)."""
-        pending = int(reply["pending"])
-        reclaim_ms = int(reply.get("next_reclaim_ms", -1))
-        return cls(
-            waiting=max(0, int(reply["stream"]) - pending),
-            pending=pending,
-            delayed=int(reply["delayed"]),
-            dead_letters=int(reply["dead_letters"]),
-            next_due_in_s=_due_in(reply) if "now_ms" in reply else None,
-            next_reclaim_in_s=None if reclaim_ms < 0 else reclaim_ms / 1000,
-            promoted=int(reply.get("promoted", 0)),
-            requeued=int(reply.get("requeued", 0)),
-            dead=int(reply.get("dead", 0)),
-        )
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "waiting": self.waiting,
-            "pending": self.pending,
-            "delayed": self.delayed,
-            "dead_letters": self.dead_letters,
-        }
-
-
-@dataclass(frozen=True)
-class CycleResult:
-    admitted: int
-    trials: list[str]
-    retry_after_s: float
-    deferred: int
-    fetched: list[Job]  # entries the script read itself (``fetch``); the first ``admitted`` may run
-    poisoned: list[tuple[str, str]]  # (entry id, reason) of fetched entries that were not jobs: now dead letters
-    breaker: BreakerState
-    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
-    stats: QueueStats  # the queue's figures right after this cycle
-
-
-def _due_in(reply: dict[str, Any], key: str = "next_due_ms") -> float | None:
-    due = int(reply.get(key, -1))
-    if due < 0:
-        return None
-    return max(0.0, (due - int(reply["now_ms"])) / 1000)
-
-
-class Queue:
-    """The stream, its consumer group, the delayed set and the dead-letter stream of one key prefix."""
-
-    def __init__(
-        self,
-        redis: CountingRedis,
-        blocking: CountingRedis,
-        keys: Keys,
-        scripts: Scripts,
-        *,
-        consumer: str,
-        visibility_timeout_s: float = 300,
-        max_attempts: int = 3,
-        breaker: BreakerConfig | None = None,
-    ) -> None:
-        self.redis = redis
-        self.blocking = blocking
-        self.keys = keys
-        self.scripts = scripts
-        self.consumer = consumer
-        self.visibility_timeout_s = visibility_timeout_s
-        self.max_attempts = max_attempts
-        self.breaker = breaker or BreakerConfig(trial_ttl_s=visibility_timeout_s)
-
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (one command)."""
-        try:
-            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def enqueue(self, sections: Iterable[tuple[str, str]], *, fence: int | None = None) -> EnqueueResult:
-        """Add (term, class_nbr) jobs unless already waiting, running or delayed; one call per 2,000.
-
-        With ``fence``, nothing is added once the cron lock has been granted to someone else since.
-        """
-        added = skipped = 0
-        flat: list[str] = []
-        items = list(sections)
-        for start in range(0, len(items), ENQUEUE_CHUNK):
-            flat = [value for pair in items[start : start + ENQUEUE_CHUNK] for value in pair]
-            reply = await self.scripts.call_json(
-                "queue_enqueue",
-                [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.lock_meta],
-                ["" if fence is None else str(fence), *flat],
-                self.redis,
-            )
-            if reply.get("fenced"):
-                return EnqueueResult(added, skipped, fenced=True)
-            added += int(reply["added"])
-            skipped += int(reply["skipped"])
-        return EnqueueResult(added, skipped)
-
-    async def read(self, count: int, block_s: float) -> list[Job | Malformed]:
-        """Up to ``count`` new entries for this consumer, blocking up to ``block_s`` for the first."""
-        try:
-            reply = await self.blocking.xreadgroup(
-                self.keys.group,
-                self.consumer,
-                {self.keys.stream: ">"},
-                count=count,
-                block=max(1, int(block_s * 1000)),
-            )
-        except redis.exceptions.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # The stream was deleted under us (an operator, or eviction): recreate and read again next time.
-            logger.warning("queue stream or group vanished; recreating it")
-            await self.ensure_group()
-            return []
-        found: list[Job | Malformed] = []
-        streams: Any = reply or []  # RESP2: [[stream, [(id, fields), ...]], ...]
-        for _stream, entries in streams:
-            for entry_id, fields in entries:
-                found.append(parse_entry(entry_id, dict(fields or {})))
-        return found
-
-    async def cycle(
-        self,
-        outcomes: Sequence[tuple[str, str]],
-        done: Sequence[Done],
-        read: Sequence[Job],
-        *,
-        fetch: int = 0,
-        cycle_id: str | None = None,
-        forget: str | None = None,
-    ) -> CycleResult:
-        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
-
-        With no ``read`` and ``fetch`` > 0 the script itself takes up to ``fetch`` new entries (without
-        blocking) and admits those: when the stream has work, a batch costs this one command in all.
-
-        Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
-        ``forget`` names an earlier cycle whose reply is no longer needed, so the cache holds one per consumer.
-        """
-        cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
-        payload = {
-            "cfg": cfg,
-            "outcomes": [list(o) for o in outcomes],
-            "done": [d.lua() for d in done],
-            "read": [[j.entry_id, j.id, j.term, j.class_nbr, j.attempts, j.enqueued_ms] for j in read],
-            "fetch": fetch,
-        }
-        reply = await self.scripts.call_json(
-            "queue_cycle",
-            [
-                self.keys.stream,
-                self.keys.jobs,
-                self.keys.delayed,
-                self.keys.delayed_payloads,
-                self.keys.dead_letters,
-                self.keys.breaker,
-                self.keys.breaker_trials,
-                self.keys.cycle_reply(cycle_id or secrets.token_hex(8)),
-                *([self.keys.cycle_reply(forget)] if forget else []),
-            ],
-            [self.keys.group, orjson.dumps(payload).decode(), self.consumer],
-            self.redis,
-        )
-        view = reply["breaker"]
-        fetched, poisoned = reply.get("fetched"), reply.get("poisoned")
-        return CycleResult(
-            admitted=int(reply["admitted"]),
-            trials=trial_list(reply["trials"]),
-            retry_after_s=int(reply["retry_after_ms"]) / 1000,
-            deferred=int(reply["deferred"]),
-            fetched=[Job(str(e[0]), e[1], e[2], e[3], int(e[4]), int(e[5])) for e in fetched]
-            if isinstance(fetched, list)
-            else [],
-            poisoned=[(str(p[0]), str(p[1])) for p in poisoned] if isinstance(poisoned, list) else [],
-            breaker=BreakerState.from_lua(view),
-            next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
-            stats=QueueStats.from_lua(reply),
-        )
-
-    async def maintain(self, *, resume: bool = False) -> QueueStats:
-        """Promote due delayed jobs and requeue stale entries; one script call.
-
-        ``resume`` takes this consumer's own unacknowledged entries whatever their idle time (at start,
-        after a crash); otherwise every consumer's entries idle past the visibility timeout.
-        """
-        reply = await self.scripts.call_json(
-            "queue_maintain",
-            [
-                self.keys.stream,
-                self.keys.jobs,
-                self.keys.delayed,
-                self.keys.delayed_payloads,
-                self.keys.dead_letters,
-            ],
-            [
-                self.keys.group,
-                self.consumer if resume else "",
-                0 if resume else int(self.visibility_timeout_s * 1000),
-                self.max_attempts,
-                MAINTENANCE_BATCH,
-                DEAD_LETTER_MAXLEN,
-            ],
-            self.redis,
-        )
-        return QueueStats.from_lua(reply)
-
-    async def stats(self) -> QueueStats:
-        """Queue figures without changing anything (for status); one script call."""
-        reply = await self.scripts.call_json(
-            "queue_stats",
-            [self.keys.stream, self.keys.delayed, self.keys.dead_letters],
-            [self.keys.group],
-            self.redis,
-        )
-        return QueueStats.from_lua(reply)
-
-    # -- dead letters ----------------------------------------------------------------------------------
-
-    async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        """The oldest dead letters; read as bytes, since a poison entry's fields may not be UTF-8."""
-        entries: list[Any] = await self.blocking.xrange(self.keys.dead_letters, count=count) or []
-
-        def text(value: bytes) -> str:
-            return value.decode("utf-8", "backslashreplace")
-
-        return [(text(eid), {text(k): text(v) for k, v in (fields or {}).items()}) for eid, fields in entries]
-
-    async def requeue_dead(self, entry_ids: Sequence[str] = ()) -> dict[str, int]:
-        """Put dead letters (all, or these ids) back on the queue with fresh attempts; one call."""
-        reply = await self.scripts.call_json(
-            "dlq_requeue",
-            [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.dead_letters],
-            list(entry_ids),
-            self.redis,
-        )
-        return {k: int(v) for k, v in reply.items()}
-
-    async def purge_dead(self) -> int:
-        """Drop every dead letter; returns how many there were."""
-        count = int(await self.redis.xlen(self.keys.dead_letters))
-        await self.redis.delete(self.keys.dead_letters)
-        return count
-
-
-# -- the runtime -----------------------------------------------------------------------------------------
-
-
-def retry_delay_s(
-    attempt: int, base_s: float, *, cap_s: float = 1800, rand: Callable[[], float] = random.random
-) -> float:
-    """Exponential backoff with jitter: base * 4^(attempt-1), +/-20 %, capped."""
-    raw = min(cap_s, base_s * 4.0 ** max(0, attempt - 1))
-    return float(raw * (0.8 + 0.4 * rand()))
 
 
 @dataclass(frozen=True)
@@ -532,6 +127,7 @@ class Consumer:
         self.clock = clock
         self.progress = progress
         self.state = ConsumerState()
+        self._redis = Outage("queue: Redis", logger)  # one "unavailable"/"back" per outage, whichever loop sees it
 
         self._running = 0
         self._done: list[Done] = []
@@ -551,6 +147,7 @@ class Consumer:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def run(self, stopping: anyio.Event) -> None:
+        """Consume until ``stopping``: resume this consumer's unacknowledged entries, then read, run, settle."""
         await self._with_redis_retry(self.queue.ensure_group, stopping)
         resumed = await self._with_redis_retry(lambda: self.queue.maintain(resume=True), stopping)
         if resumed is not None:
@@ -589,28 +186,24 @@ class Consumer:
                         break
 
     async def _with_redis_retry(self, call: Callable[[], Any], stopping: anyio.Event) -> Any:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not stopping.is_set():
             try:
                 result = await call()
             except REDIS_ERRORS as exc:
                 self._redis_down(exc)
-                with anyio.move_on_after(delay):
-                    await stopping.wait()
-                delay = min(30.0, delay * 2)
+                await backoff.wait(stopping=stopping)
             else:
                 self._redis_up()
                 return result
         return None
 
     def _redis_down(self, exc: BaseException) -> None:
-        if self.state.redis_ok:
-            logger.warning("queue: Redis unavailable (%s); retrying with backoff", exc)
+        self._redis.down(exc)
         self.state.redis_ok = False
 
     def _redis_up(self) -> None:
-        if not self.state.redis_ok:
-            logger.info("queue: Redis is back")
+        self._redis.up()
         self.state.redis_ok = True
 
     def _expect(self, loop: str, within_s: float) -> None:
@@ -627,7 +220,7 @@ class Consumer:
         the stream runs dry does the reader block on XREADGROUP (minutes at a time), and the entries that
         wake it are admitted with the next call: so an idle consumer costs one command per block period.
         """
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         busy = True
 
         def keep_trying() -> bool:
@@ -665,13 +258,13 @@ class Consumer:
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 self._reader_waiting_on_stream = False
                 self._redis_down(exc)
-                renew(delay)
-                await anyio.sleep(delay)
-                delay = min(30.0, delay * 2)
+                wait_s = backoff.failed()
+                renew(wait_s)
+                await anyio.sleep(wait_s)
                 continue
             self._reader_waiting_on_stream = False
             self._redis_up()
-            delay = 1.0
+            backoff.reset()
             if not entries:
                 continue
             # A full read suggests more is waiting: take the next batch with the settle call.
@@ -762,7 +355,7 @@ class Consumer:
         """Send ``cycle`` until it is confirmed or ``keep_trying()`` says stop (then it stays unconfirmed)."""
         confirmed = False
         try:
-            delay = 0.5
+            backoff = Backoff(0.5, 10.0)
             while True:
                 try:
                     with anyio.CancelScope(shield=True), anyio.fail_after(30):
@@ -778,10 +371,10 @@ class Consumer:
                     self._redis_down(exc)
                     if not keep_trying():
                         return None
+                    wait_s = backoff.failed()
                     if on_retry is not None:
-                        on_retry(delay)
-                    await anyio.sleep(delay)
-                    delay = min(10.0, delay * 2)
+                        on_retry(wait_s)
+                    await anyio.sleep(wait_s)
                     continue
                 confirmed = True
                 self._last_cycle_id = cycle.id
@@ -895,7 +488,7 @@ class Consumer:
 
     async def _maintainer(self) -> None:
         """Promote due retries and requeue stale entries, as rarely as the queue's state allows."""
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         self._maintain_at = self.clock() + self.busy_maintenance_s
         while True:
             self._poke_maintainer = anyio.Event()
@@ -909,10 +502,9 @@ class Consumer:
                 stats = await self.queue.maintain()
             except REDIS_ERRORS as exc:
                 self._redis_down(exc)
-                self._maintain_at = self.clock() + delay
-                delay = min(30.0, delay * 2)
+                self._maintain_at = self.clock() + backoff.failed()
                 continue
-            delay = 1.0
+            backoff.reset()
             self._redis_up()
             self._observe_stats(stats)
             if stats.requeued or stats.dead:
