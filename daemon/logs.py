@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from daemon.config import redact_url
+from daemon.secret import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

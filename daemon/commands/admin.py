@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.exceptions
 
-from daemon.errors import Exit, LockBusy
+from daemon.errors import Exit, LockBusy, driver_error, error_name
+from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
 from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
 from daemon.runtime.wiring import Parts, build_parts
@@ -34,7 +34,7 @@ async def _parts(settings: Settings) -> AsyncIterator[Parts]:
     try:
         yield parts
     finally:
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS, OSError):
             await parts.ledger.flush()
         await parts.clients.aclose()
 
@@ -64,8 +64,8 @@ async def tick_now(settings: Settings, group: str | None) -> int:
                     await parts.lock.release(grant)
             finally:
                 await pool.close()
-    except (redis.exceptions.RedisError, OSError, *CONNECTION_ERRORS) as exc:
-        return _fail(f"tick failed: {exc.__class__.__name__}: {exc}")
+    except (*REDIS_ERRORS, OSError, *CONNECTION_ERRORS) as exc:
+        return _fail(f"tick failed: {error_name(exc)}: {driver_error(exc)}")
     if result.fenced:
         return _fail("the cron lock changed hands during the tick; nothing enqueued")
     print(
@@ -89,7 +89,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         finally:
             await conn.close()
     except (*CONNECTION_ERRORS, OSError) as exc:
-        outbox = {"pending": None, "failed": None, "error": exc.__class__.__name__}
+        outbox = {"pending": None, "failed": None, "error": error_name(exc)}
     now = time.time()
     last = orjson.loads(lock.last_tick) if lock.last_tick else None
     held = lock.holder if lock.locked else None
@@ -115,8 +115,9 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 async def status(settings: Settings, *, as_json: bool) -> int:
     try:
         report = await collect_status(settings)
-    except (redis.exceptions.RedisError, OSError) as exc:
-        return _fail(f"Redis unavailable: {exc.__class__.__name__}: {exc}")
+    except (*REDIS_ERRORS, OSError) as exc:
+        shown = driver_error(exc)
+        return _fail(f"Redis unavailable: {shown.__class__.__name__}: {shown}")
     if as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return Exit.OK

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.exceptions
 
-from daemon.config import redact_url
-from daemon.primitives.clients import RedisClients
+from daemon.errors import error_name
+from daemon.primitives.clients import REDIS_ERRORS, RedisClients
 from daemon.primitives.scripts import Scripts
+from daemon.secret import redact_url
 from daemon.store.migrations import pending_migrations
 from daemon.store.pool import CONNECTION_ERRORS, connect
 
@@ -41,7 +42,7 @@ async def _postgres(settings: Settings) -> Result:
         return (
             "postgres",
             False,
-            f"cannot connect to {redact_url(settings.database_url.reveal())}: {exc.__class__.__name__}",
+            f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}",
         )
     except Exception as exc:
         return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
@@ -73,11 +74,11 @@ async def _redis(settings: Settings) -> Result:
         )
     except redis.exceptions.ResponseError as exc:
         return ("redis", False, f"a script does not load: {exc}")
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         return (
             "redis",
             False,
-            f"cannot reach {redact_url(settings.redis_url.reveal())}: {exc.__class__.__name__}",
+            f"cannot reach {redact_url(settings.redis_url.reveal())}: {error_name(exc)}",
         )
     finally:
         await clients.aclose()

@@ -10,15 +10,10 @@ from hypothesis import strategies as st
 
 from daemon.backoff import retry_delay_s
 from daemon.jobs import Done, Job, Malformed, parse_entry
+from tests.support.entries import MALFORMED, fields
 
 ENTRY = "1736960000000-0"
 WIRE_FIELDS = ("entry_id", "id", "action", "delay_ms", "term", "class_nbr", "attempts", "enqueued_ms", "error", "raw")
-
-
-def fields(**overrides: str) -> dict[str, str]:
-    base = {"id": "2261-12431", "term": "2261", "class_nbr": "12431", "attempts": "1", "enqueued_ms": "1736960000000"}
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v != "<absent>"}
 
 
 # -- parse_entry ---------------------------------------------------------------------------------------------
@@ -39,28 +34,7 @@ def test_parse_defaults_counts() -> None:
     assert (job.attempts, job.enqueued_ms, job.attempt) == (0, 0, 1)
 
 
-@pytest.mark.parametrize(
-    ("entry_fields", "reason"),
-    [
-        (fields(term="<absent>"), "malformed entry: no term or class_nbr"),
-        (fields(class_nbr="<absent>"), "malformed entry: no term or class_nbr"),
-        (fields(term=""), "malformed entry: no term or class_nbr"),
-        ({}, "malformed entry: no term or class_nbr"),
-        (fields(id="<absent>"), "malformed entry: id does not match term and class_nbr"),
-        (fields(id="2261-99999"), "malformed entry: id does not match term and class_nbr"),
-        (fields(id="12431-2261"), "malformed entry: id does not match term and class_nbr"),
-        (fields(term="22 61", id="22 61-12431"), "malformed entry: term or class_nbr is not printable ASCII"),
-        (fields(class_nbr="1243é", id="2261-1243é"), "malformed entry: term or class_nbr is not printable ASCII"),
-        (fields(attempts="two"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1.5"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="nan"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1e3"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(enqueued_ms="yesterday"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1001"), "malformed entry: attempts or enqueued_ms out of range"),
-        (fields(enqueued_ms=str(2**64)), "malformed entry: attempts or enqueued_ms out of range"),
-    ],
-)
+@pytest.mark.parametrize(("entry_fields", "reason"), MALFORMED)
 def test_parse_malformed(entry_fields: dict[str, str], reason: str) -> None:
     """Entries that are not jobs become Malformed with the reason, keeping the raw fields."""
     result = parse_entry(ENTRY, entry_fields)
