@@ -31,6 +31,12 @@ class Metrics:
             buckets=(0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120),
             registry=r,
         )
+        self.scraper_drift = Counter(
+            "seatwatch_scraper_drift",
+            "Odd describing fields in scraper answers (recorded anyway), by field and kind",
+            ["field", "kind"],
+            registry=r,
+        )
         self.notifications = Counter(
             "seatwatch_notifications_queued",
             "Emails owed (outbox rows written) by type",

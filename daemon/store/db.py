@@ -35,7 +35,7 @@ async def observe(conn: asyncpg.Connection, term: str, class_nbr: str, data: Seq
     non_reserved_seats, location, meeting_times). Must run inside the caller's transaction.
     """
     row = await conn.fetchrow(
-        "SELECT * FROM seatwatch_observe($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM seatwatch_observe_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         term,
         class_nbr,
         *data,
@@ -68,6 +68,12 @@ async def claim(
         "SELECT * FROM seatwatch_claim($1, $2, $3, $4::text[])", term, class_nbr, reset_seat, list(types)
     )
     return [Claim(str(r["watch_id"]), str(r["user_id"]), r["email"], r["notification_type"]) for r in rows]
+
+
+async def watch_courses(conn: asyncpg.Connection, watch_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Each watch's own (subject, catalog_nbr), for emails whose scraped course code was unusable."""
+    rows = await conn.fetch("SELECT id, subject, catalog_nbr FROM class_watches WHERE id = ANY($1::uuid[])", watch_ids)
+    return {str(r["id"]): (r["subject"], r["catalog_nbr"]) for r in rows}
 
 
 @dataclass(frozen=True)
