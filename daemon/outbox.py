@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from daemon.backoff import Backoff, Outage, retry_delay_s
+from daemon.errors import EmailRejected, EmailRetry
 from daemon.store import outbox_queries as queries
 from daemon.store.pool import CONNECTION_ERRORS
-from daemon.upstream.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
+from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from daemon.runtime.metrics import Metrics
     from daemon.runtime.systemd import Progress
-    from daemon.upstream.mailer import Transport
+    from daemon.upstream.resend import Transport
 
 logger = logging.getLogger(__name__)
 

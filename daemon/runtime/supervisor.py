@@ -36,7 +36,7 @@ from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import pending_migrations
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
-from daemon.upstream.mailer import Renderer
+from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from daemon.primitives.queue import Queue
 from daemon.runtime.metrics import Metrics
 from daemon.scheduler import Scheduler, enqueue_under, slot_id
 from daemon.settlement import _Unsent
-from daemon.upstream.mailer import ResendTransport
+from daemon.upstream.resend import ResendTransport
 from tests.support.proxy import redis_proxy
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
