@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import __version__
 from daemon.config import EX_CONFIG, NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
 from daemon.errors import ConfigError
 
@@ -24,17 +24,35 @@ EX_OK: Final = 0
 EX_FAILURE: Final = 1
 EX_USAGE: Final = 2
 EX_LOCKED: Final = 3
+DEFAULT_CREDENTIALS: Final = "/etc/seatwatch/credentials"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seatwatch", description="Watch class sections and email students when a seat opens."
     )
-    parser.add_argument("--version", action="version", version=f"seatwatch {__version__}")
+    from daemon.version import version
+
+    parser.add_argument("--version", action="version", version=f"seatwatch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="the daemon (systemd ExecStart)")
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
-    sub.add_parser("check", help="validate configuration and reach Postgres, Redis and the scraper")
+    check = sub.add_parser("check", help="validate configuration and reach Postgres, Redis and the scraper")
+    check.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        help="take the settings from this systemd EnvironmentFile, read as systemd reads it, instead of the"
+        " environment (as the service would see them)",
+    )
+    check.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(DEFAULT_CREDENTIALS),
+        metavar="DIR",
+        help=f"with --env-file: the folder the unit's LoadCredential= hands over (default {DEFAULT_CREDENTIALS};"
+        " readable by root only)",
+    )
     tick = sub.add_parser("tick", help="run one enqueue tick now, under the cron lock")
     tick.add_argument(
         "--group",
@@ -148,7 +166,18 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings = load_settings(NEEDS_ALL)
+    env = None
+    if args.env_file is not None:
+        from daemon.service_env import service_environment
+
+        try:
+            env, notes = service_environment(args.env_file, args.credentials)
+        except ConfigError as exc:
+            print(f"seatwatch: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        for note in notes:
+            print(f"seatwatch: note: {note}", file=sys.stderr)
+    settings = load_settings(NEEDS_ALL, env)
     from daemon.checks import run_checks
 
     results = anyio.run(run_checks, settings)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import asyncpg
 import httpx
 import redis.exceptions
 
@@ -38,11 +39,10 @@ from daemon.scraper import Scraper
 from daemon.scripts import Scripts
 from daemon.systemd import Notifier, Progress
 from daemon.usage import RedisClients, UsageLedger
+from daemon.version import version
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    import asyncpg
 
     from daemon.config import Settings
     from daemon.mailer import Transport
@@ -54,6 +54,7 @@ OUTBOX_COUNTS_EVERY_S: Final = 30.0
 USAGE_FLUSH_S: Final = 1800.0
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
+EXIT_CONFIG: Final = 78  # start cannot succeed by retrying: systemd's RestartPreventExitStatus stops here
 
 
 class FatalStartError(Exception):
@@ -158,7 +159,10 @@ class Daemon:
                     outer.cancel_scope.cancel()
         except Exception as exc:  # task groups wrap what their tasks raise in ExceptionGroups
             cause = _single_cause(exc)
-            if isinstance(cause, (FatalStartError, OSError)) and not self._started:
+            if isinstance(cause, FatalStartError) and not self._started:
+                logger.critical("cannot start: %s; restarting cannot fix this", cause)
+                return EXIT_CONFIG
+            if isinstance(cause, OSError) and not self._started:
                 logger.critical("cannot start: %s", cause)
             else:
                 logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
@@ -202,10 +206,17 @@ class Daemon:
         if pool is None:
             return None
         stack.push_async_callback(pool.close)
-        async with pool.acquire() as conn:
-            pending = await db.pending_migrations(conn)
-        if pending:
-            raise FatalStartError(f"the database lacks migrations {', '.join(pending)}: run `seatwatch migrate`")
+        # Migrations run here, in the main process, so a failure ends `run` with EX_CONFIG (78), which the
+        # unit's RestartPreventExitStatus honours (an ExecStartPre's exit status it would not).
+        try:
+            async with pool.acquire() as conn:
+                applied = await db.migrate(conn)
+        except db.CONNECTION_ERRORS:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise FatalStartError(f"a migration failed: {exc.__class__.__name__}: {exc}") from exc
+        if applied:
+            logger.info("migrations applied: %s", ", ".join(applied))
         return pool
 
     async def _load_scripts(self, client: Any) -> bool:
@@ -464,6 +475,7 @@ class Daemon:
             {
                 "timestamp": iso(time.time()),
                 "status": status,
+                "version": version(),
                 "checks": checks,
                 "uptime_s": round(time.time() - self.started_at),
             },
