@@ -347,7 +347,7 @@ class Source:
 
 
 def pip_env() -> Dict[str, str]:
-    return dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PYTHONDONTWRITEBYTECODE="")
+    return dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
 
 
 def run_step(what: str, argv: Sequence[str], cwd: Optional[Path] = None) -> str:
@@ -359,63 +359,35 @@ def run_step(what: str, argv: Sequence[str], cwd: Optional[Path] = None) -> str:
     return result.stdout
 
 
-def build_wheel(python: Interpreter, source: Source, work: Path) -> Path:
-    """The release's wheel, built from a clean copy with the locked build backend."""
-    tree = work / "src"
-    source.copy_to(tree)
-    builder = work / "build-venv"
-    run_step("creating the build environment", [python.path, "-m", "venv", str(builder)])
-    run_step(
-        "installing the build backend",
-        [
-            str(builder / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--require-hashes",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-r",
-            str(tree / BUILD_LOCK),
-        ],
-    )
-    dist = work / "dist"
-    run_step(
-        "building the wheel",
-        [
-            str(builder / "bin" / "python"),
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--wheel-dir",
-            str(dist),
-            str(tree),
-        ],
-    )
-    wheels = sorted(dist.glob("seatwatch-*.whl"))
-    if len(wheels) != 1:
-        raise Refused(f"the build made {len(wheels)} seatwatch wheels, expected one")
-    return wheels[0]
+# Builds the wheel through the PEP 517 interface of the locked backend (no second venv, no pip build step).
+BUILD = (
+    "import sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from setuptools import build_meta\n"
+    "print(build_meta.build_wheel(sys.argv[2]))\n"
+)
 
 
 def make_release(python: Interpreter, source: Source, release: Path, work: Path) -> None:
-    """Build ``release`` (venv, locked dependencies, the wheel, the unit); removed again if anything fails."""
+    """Build ``release`` (venv, locked dependencies, the wheel, the unit); removed again if anything fails.
+
+    The wheel is built from a clean copy of the tracked files in ``work``, by the build backend pinned in
+    the build lock; the dependencies come only from the runtime lock, each file checked against its hash.
+    """
     try:
-        wheel = build_wheel(python, source, work)
         tree = work / "src"
+        source.copy_to(tree)
         venv = release / "venv"
         release.mkdir(parents=True)
         run_step("creating the release's venv", [python.path, "-m", "venv", str(venv)])
         vpython = str(venv / "bin" / "python")
         pip = [vpython, "-m", "pip", "install", "--quiet", "--no-deps"]
-        run_step(
-            "installing the locked dependencies",
-            [*pip, "--require-hashes", "--only-binary=:all:", "-r", str(tree / RUNTIME_LOCK)],
-        )
+        locked = [*pip, "--require-hashes", "--only-binary=:all:"]
+        backend, dist = work / "backend", work / "dist"
+        run_step("installing the build backend", [*locked, "--target", str(backend), "-r", str(tree / BUILD_LOCK)])
+        wheel_name = run_step("building the wheel", [vpython, "-c", BUILD, str(backend), str(dist)], cwd=tree)
+        wheel = dist / wheel_name.strip().splitlines()[-1]
+        run_step("installing the locked dependencies", [*locked, "-r", str(tree / RUNTIME_LOCK)])
         run_step("installing seatwatch", [*pip, "--no-index", str(wheel)])
         run_step("checking the dependencies (pip check)", [vpython, "-m", "pip", "check"])
         shown = run_step("running seatwatch --version", [str(venv / "bin" / "seatwatch"), "--version"]).strip()
