@@ -38,7 +38,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 MIN_PYTHON = (3, 11)
 USER = "seatwatch"
@@ -80,7 +83,7 @@ def say(message: str) -> None:
 class Host:
     """The real system, or a staging folder (``--root``) where system commands are recorded, not run."""
 
-    def __init__(self, root: Optional[Path]) -> None:
+    def __init__(self, root: Path | None) -> None:
         self.root = root
         self.calls_file = root / ".staging" / "calls.jsonl" if root else None
 
@@ -92,7 +95,7 @@ class Host:
         """Where a system path is: itself, or the same path inside the staging folder."""
         return self.root / path.relative_to("/") if self.root else path
 
-    def system(self, argv: Sequence[str], env: Optional[Dict[str, str]] = None, check: bool = True) -> None:
+    def system(self, argv: Sequence[str], env: dict[str, str] | None = None, check: bool = True) -> None:
         """A command that changes the system (systemctl, useradd, a package manager): run, or recorded."""
         say("  $ " + " ".join(shlex.quote(a) for a in argv))
         if self.calls_file is not None:
@@ -150,7 +153,7 @@ class Host:
 
 
 class Interpreter:
-    def __init__(self, path: str, version: Tuple[int, ...], venv: bool) -> None:
+    def __init__(self, path: str, version: tuple[int, ...], venv: bool) -> None:
         self.path = path
         self.version = version
         self.venv = venv
@@ -163,7 +166,7 @@ class Interpreter:
         return f"{self.path} ({self.version_text}{'' if self.venv else ', no venv'})"
 
 
-def probe(path: str) -> Optional[Interpreter]:
+def probe(path: str) -> Interpreter | None:
     """What ``path`` is, or None when it does not run as a Python."""
     try:
         out = subprocess.run(
@@ -175,10 +178,10 @@ def probe(path: str) -> Optional[Interpreter]:
         return None
 
 
-def candidates(search_path: str) -> List[str]:
+def candidates(search_path: str) -> list[str]:
     """Every ``python3.N`` and ``python3`` on the search path, once each (by the file they resolve to)."""
     names = [f"python3.{minor}" for minor in range(30, 5, -1)] + ["python3"]
-    found: List[str] = []
+    found: list[str] = []
     seen = set()
     for folder in search_path.split(os.pathsep):
         if not folder:
@@ -193,17 +196,17 @@ def candidates(search_path: str) -> List[str]:
     return found
 
 
-def choose(interpreters: List[Interpreter]) -> Optional[Interpreter]:
+def choose(interpreters: list[Interpreter]) -> Interpreter | None:
     """The newest interpreter that is recent enough and can make a venv."""
     usable = [i for i in interpreters if i.version >= MIN_PYTHON and i.venv]
     return max(usable, key=lambda i: i.version) if usable else None
 
 
-def os_release(host: Host) -> Dict[str, str]:
+def os_release(host: Host) -> dict[str, str]:
     path = host.path(Path("/etc/os-release"))
     if not path.exists() and host.staging:
         return {}
-    values: Dict[str, str] = {}
+    values: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in path.read_text().splitlines():
             key, sep, value = line.partition("=")
@@ -212,9 +215,9 @@ def os_release(host: Host) -> Dict[str, str]:
     return values
 
 
-def distribution_packages(release: Dict[str, str], found: List[Interpreter]) -> Optional[List[List[str]]]:
+def distribution_packages(release: dict[str, str], found: list[Interpreter]) -> list[list[str]] | None:
     """The package-manager commands that bring a Python >= 3.11 with venv on this distribution, if known."""
-    ids = [release.get("ID", "")] + release.get("ID_LIKE", "").split()
+    ids = [release.get("ID", ""), *release.get("ID_LIKE", "").split()]
     version = release.get("VERSION_ID", "")
     major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
     recent = sorted((i for i in found if i.version >= MIN_PYTHON), key=lambda i: i.version, reverse=True)
@@ -236,7 +239,7 @@ def distribution_packages(release: Dict[str, str], found: List[Interpreter]) -> 
     return None
 
 
-def find_python(host: Host, explicit: Optional[str], search_path: str, install: bool) -> Interpreter:
+def find_python(host: Host, explicit: str | None, search_path: str, install: bool) -> Interpreter:
     """The Python to build the release with: ``--python``, else the newest >= 3.11 on the search path,
     else one the distribution's packages provide (installed when ``install``); refuses otherwise."""
     want = ".".join(str(part) for part in MIN_PYTHON)
@@ -293,11 +296,9 @@ class Source:
         self.files, self.commit = self._inventory()
 
     def _git(self, *args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(self.root), *args], capture_output=True, text=True, check=True
-        ).stdout
+        return subprocess.run(["git", "-C", str(self.root), *args], capture_output=True, text=True, check=True).stdout
 
-    def _inventory(self) -> Tuple[List[str], str]:
+    def _inventory(self) -> tuple[list[str], str]:
         if not (self.root / ".git").exists():
             raise Refused(f"{self.root} is not a git checkout: install from a clone, so the release names its commit")
         try:
@@ -346,11 +347,11 @@ class Source:
 # -- releases -------------------------------------------------------------------------------------------
 
 
-def pip_env() -> Dict[str, str]:
+def pip_env() -> dict[str, str]:
     return dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
 
 
-def run_step(what: str, argv: Sequence[str], cwd: Optional[Path] = None) -> str:
+def run_step(what: str, argv: Sequence[str], cwd: Path | None = None) -> str:
     """Run a build step; on failure, refuse with its output (the caller cleans up)."""
     result = subprocess.run(list(argv), cwd=cwd, env=pip_env(), capture_output=True, text=True)
     if result.returncode != 0:
@@ -360,12 +361,7 @@ def run_step(what: str, argv: Sequence[str], cwd: Optional[Path] = None) -> str:
 
 
 # Builds the wheel through the PEP 517 interface of the locked backend (no second venv, no pip build step).
-BUILD = (
-    "import sys\n"
-    "sys.path.insert(0, sys.argv[1])\n"
-    "from setuptools import build_meta\n"
-    "print(build_meta.build_wheel(sys.argv[2]))\n"
-)
+BUILD = "import sys\nfrom setuptools import build_meta\nprint(build_meta.build_wheel(sys.argv[1]))\n"
 
 
 def make_release(python: Interpreter, source: Source, release: Path, work: Path) -> None:
@@ -382,12 +378,12 @@ def make_release(python: Interpreter, source: Source, release: Path, work: Path)
         run_step("creating the release's venv", [python.path, "-m", "venv", str(venv)])
         vpython = str(venv / "bin" / "python")
         pip = [vpython, "-m", "pip", "install", "--quiet", "--no-deps"]
-        locked = [*pip, "--require-hashes", "--only-binary=:all:"]
-        backend, dist = work / "backend", work / "dist"
-        run_step("installing the build backend", [*locked, "--target", str(backend), "-r", str(tree / BUILD_LOCK)])
-        wheel_name = run_step("building the wheel", [vpython, "-c", BUILD, str(backend), str(dist)], cwd=tree)
+        # One pip run for both locks: the build backend lands in the venv too (a 3.11 venv has one anyway).
+        locks = ["-r", str(tree / RUNTIME_LOCK), "-r", str(tree / BUILD_LOCK)]
+        run_step("installing the locked dependencies", [*pip, "--require-hashes", "--only-binary=:all:", *locks])
+        dist = work / "dist"
+        wheel_name = run_step("building the wheel", [vpython, "-c", BUILD, str(dist)], cwd=tree)
         wheel = dist / wheel_name.strip().splitlines()[-1]
-        run_step("installing the locked dependencies", [*locked, "-r", str(tree / RUNTIME_LOCK)])
         run_step("installing seatwatch", [*pip, "--no-index", str(wheel)])
         run_step("checking the dependencies (pip check)", [vpython, "-m", "pip", "check"])
         shown = run_step("running seatwatch --version", [str(venv / "bin" / "seatwatch"), "--version"]).strip()
@@ -428,7 +424,7 @@ class Layout:
         self.current_link = self.prefix / "current"
         self.history_file = self.prefix / "history.json"
 
-    def current(self) -> Optional[str]:
+    def current(self) -> str | None:
         if not self.current_link.is_symlink():
             return None
         return Path(os.readlink(self.current_link)).name
@@ -436,14 +432,14 @@ class Layout:
     def complete(self, name: str) -> bool:
         return (self.releases / name / RELEASE_FILE).is_file()
 
-    def history(self) -> List[str]:
+    def history(self) -> list[str]:
         try:
             names = json.loads(self.history_file.read_text())["history"]
         except (OSError, ValueError, KeyError):
             return []
         return [str(name) for name in names]
 
-    def save_history(self, names: List[str]) -> None:
+    def save_history(self, names: list[str]) -> None:
         write_atomically(self.history_file, json.dumps({"history": names}, indent=2) + "\n", 0o644)
 
     def sweep_unfinished(self) -> None:
@@ -463,9 +459,9 @@ class Layout:
         os.symlink(f"releases/{name}", temporary)
         os.replace(temporary, self.current_link)
 
-    def prune(self, keep: int) -> List[str]:
+    def prune(self, keep: int) -> list[str]:
         """Keep the last ``keep`` releases that were current (the current one among them); remove the rest."""
-        kept: List[str] = []
+        kept: list[str] = []
         for name in reversed(self.history()):
             if name not in kept and self.complete(name):
                 kept.append(name)
@@ -528,7 +524,7 @@ def link_command(host: Host) -> None:
     os.replace(temporary, link)
 
 
-def run_check(host: Host, release: Path) -> Tuple[bool, str]:
+def run_check(host: Host, release: Path) -> tuple[bool, str]:
     """``seatwatch check`` of the new release against the installed settings and credentials."""
     result = subprocess.run(
         [
@@ -677,7 +673,7 @@ def which_python(host: Host, args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="install.sh", description="Install, upgrade, roll back or remove seatwatch.")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--rollback", action="store_true", help="switch back to the release before the current one")
@@ -691,7 +687,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.root).resolve() if args.root else None
     host = Host(root)

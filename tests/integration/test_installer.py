@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,7 @@ USERADD = [
     "seatwatch",
 ]
 RELOAD = ["systemctl", "daemon-reload"]
+PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--quiet", "--timeout", "20", "--retries", "1"]
 RESTART = ["systemctl", "try-restart", "seatwatch.service"]
 
 
@@ -56,8 +59,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("wheelhouse")
     locks = ["-r", str(ROOT / "packaging/requirements.lock"), "-r", str(ROOT / "packaging/requirements-build.lock")]
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps"]
-        + ["--only-binary=:all:", "--timeout", "20", "--retries", "1", "-d", str(folder), *locks],
+        [*PIP_DOWNLOAD, "--require-hashes", "--no-deps", "--only-binary=:all:", "-d", str(folder), *locks],
         capture_output=True,
         text=True,
         check=False,
@@ -172,18 +174,10 @@ def test_install_reinstall_upgrade_rollback_uninstall_purge(
     assert recorded_calls(root) == [USERADD, RELOAD, RESTART]
     assert snapshot(root) == tree
 
-    # 3. v2 deletes a module. A build that fails half way (no wheels to be had) leaves nothing behind...
+    # 3. v2 deletes a module: the upgrade ships without it, while v1 keeps it for a rollback.
     git(source, "rm", "--quiet", CANARY)
     git(source, "commit", "--quiet", "-m", "v2")
     v2 = f"0.1.0-{git(source, 'rev-parse', '--short=12', 'HEAD')}"
-    empty = tmp_path / "no-wheels"
-    empty.mkdir()
-    failed = run_installer(*stage, env={**env, "PIP_FIND_LINKS": str(empty)})
-    assert failed.returncode == 1, failed.stdout
-    assert "install.sh: installing the build backend failed" in failed.stdout
-    assert sorted(p.name for p in releases.iterdir()) == [v1]
-    assert os.readlink(root / "opt/seatwatch/current") == f"releases/{v1}"
-    # ...and the real upgrade ships without the deleted module, while v1 keeps it for a rollback.
     upgrade = run_installer(*stage, env=env)
     assert upgrade.returncode == 0, upgrade.stdout
     assert os.readlink(root / "opt/seatwatch/current") == f"releases/{v2}"
@@ -256,6 +250,52 @@ def test_first_install_without_settings_switches_and_says_what_to_fill_in(tmp_pa
     assert "sudo seatwatch check --env-file /etc/seatwatch/seatwatch.env" in result.stdout
 
 
+def broken_python(folder: Path, *, sleep_s: float = 0) -> Path:
+    """A Python 3.12 that passes the probe but leaves a half-made venv behind (and fails, or hangs first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "python3.12"
+    answer = json.dumps({"version": [3, 12, 3], "venv": True})
+    path.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-I" ]; then echo \'{answer}\'; exit 0; fi\n'
+        'mkdir -p "$3/bin" && touch "$3/bin/python"\n'
+        f"[ {sleep_s} = 0 ] || exec sleep {sleep_s}\n"
+        "exit 1\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_a_release_that_fails_half_way_is_removed(tmp_path: Path, source: Path) -> None:
+    """A venv that fails half made takes its release folder with it; nothing becomes current."""
+    root = tmp_path / "root"
+    python = broken_python(tmp_path / "bin")
+    result = run_installer("--root", str(root), "--source", str(source), "--python", str(python), env=dict(os.environ))
+    assert result.returncode == 1, result.stdout
+    assert "install.sh: creating the release's venv failed" in result.stdout
+    assert list((root / "opt/seatwatch/releases").iterdir()) == []
+    assert not (root / "opt/seatwatch/current").is_symlink()
+
+
+def test_an_install_stopped_by_sigterm_removes_its_half_made_release(tmp_path: Path, source: Path) -> None:
+    """SIGTERM while the venv is being made unwinds through the cleanup: no half-made release is left."""
+    root = tmp_path / "root"
+    python = broken_python(tmp_path / "bin", sleep_s=60)
+    command = [sys.executable, str(ROOT / "packaging/installer.py"), "--root", str(root), "--source", str(source)]
+    process = subprocess.Popen(
+        [*command, "--python", str(python)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    releases = root / "opt/seatwatch/releases"
+    deadline = time.monotonic() + 30
+    while not list(releases.glob("*/venv/bin/python")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(releases.glob("*/venv/bin/python")), "the venv was never started"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert list(releases.iterdir()) == []
+
+
 # -- finding a Python -----------------------------------------------------------------------------------------
 
 
@@ -295,18 +335,22 @@ def test_a_python_without_venv_is_passed_over(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("os_release", "interpreters", "advice"),
     [
-        (UBUNTU_2204, [("python3", (3, 10, 12)), ("python3.10", (3, 10, 12))], "python3.11 python3.11-venv"),
-        (ORACLE_9, [("python3", (3, 9, 18)), ("python3.9", (3, 9, 18))], "dnf install -y python3.11"),
-        (DEBIAN_12, [("python3", (3, 11, 2)), ("python3.11", (3, 11, 2))], "python3.11-venv"),
+        (
+            UBUNTU_2204,
+            [("python3", (3, 10, 12), True), ("python3.10", (3, 10, 12), True)],
+            "python3.11 python3.11-venv",
+        ),
+        (ORACLE_9, [("python3", (3, 9, 18), True), ("python3.9", (3, 9, 18), True)], "dnf install -y python3.11"),
+        (DEBIAN_12, [("python3", (3, 11, 2), False), ("python3.11", (3, 11, 2), False)], "python3.11-venv"),
     ],
     ids=["ubuntu-22.04", "oracle-linux-9", "debian-12-without-venv"],
 )
 def test_refusal_names_the_distribution_package(
-    tmp_path: Path, os_release: str, interpreters: list[tuple[str, tuple[int, int, int]]], advice: str
+    tmp_path: Path, os_release: str, interpreters: list[tuple[str, tuple[int, int, int], bool]], advice: str
 ) -> None:
     """Without a usable Python >= 3.11 the installer refuses, listing what it found and the package that fixes it."""
-    for name, version in interpreters:
-        stand_in_python(tmp_path / "bin", name, version, venv=name != "python3.11")
+    for name, version, venv in interpreters:
+        stand_in_python(tmp_path / "bin", name, version, venv=venv)
     result = discover(tmp_path, os_release=os_release)
     assert result.returncode == 1
     assert "no Python 3.11 or newer with venv on PATH" in result.stdout
@@ -315,7 +359,7 @@ def test_refusal_names_the_distribution_package(
 
 
 def test_install_brings_python_from_the_distribution_and_refuses_cleanly_when_it_does_not_appear(
-    tmp_path: Path,
+    tmp_path: Path, source: Path
 ) -> None:
     """The install itself runs the distribution's package install (recorded when staged), then refuses, building
     nothing, when no usable Python shows up."""
@@ -323,8 +367,10 @@ def test_install_brings_python_from_the_distribution_and_refuses_cleanly_when_it
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/os-release").write_text(UBUNTU_2204)
-    env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)}
-    result = run_installer("--root", str(root), env=env)
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools/git").symlink_to(shutil.which("git") or "/usr/bin/git")
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{tmp_path / 'tools'}", "HOME": str(tmp_path)}
+    result = run_installer("--root", str(root), "--source", str(source), env=env)
     assert result.returncode == 1, result.stdout
     apt = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "--no-install-recommends"]
     assert recorded_calls(root) == [["apt-get", "update"], [*apt, "python3.11", "python3.11-venv"]]

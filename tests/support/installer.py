@@ -16,7 +16,8 @@ INSTALLER = ROOT / "packaging" / "installer.py"
 def load_installer() -> Any:
     """The installer as a module, under a name that cannot clash with PyPI's ``packaging``."""
     spec = importlib.util.spec_from_file_location("seatwatch_installer", INSTALLER)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

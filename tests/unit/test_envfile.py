@@ -38,7 +38,7 @@ def test_backslash_at_the_end_of_a_line_continues_it() -> None:
 
 def test_quoted_and_unquoted_parts_join() -> None:
     """Text after a closing quote joins the value, as systemd does."""
-    values, _ = envfile.parse("A=\"x\"y\nB='p'\"q\"\n")
+    values, _ = envfile.parse('A="x"y\nB=\'p\'"q"\n')
     assert values == {"A": "xy", "B": "pq"}
 
 
