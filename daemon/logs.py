@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from daemon.config import redact_url
+from daemon.secret import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -52,7 +52,7 @@ class _Scrubber:
 
 
 class JournalFormatter(logging.Formatter):
-    """``<6>daemon.queue: message``; a timestamp too when stdout is not the journal."""
+    """``<6>daemon.primitives.queue: message``; a timestamp too when stdout is not the journal."""
 
     def __init__(self, scrub: _Scrubber, *, timestamps: bool) -> None:
         super().__init__()

@@ -29,18 +29,18 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import db
-from daemon.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
-from daemon.queue import retry_delay_s
+from daemon.backoff import Backoff, Outage, retry_delay_s
+from daemon.store.pool import CONNECTION_ERRORS
+from daemon.upstream.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import asyncpg
 
-    from daemon.mailer import Transport
-    from daemon.metrics import Metrics
-    from daemon.systemd import Progress
+    from daemon.runtime.metrics import Metrics
+    from daemon.runtime.systemd import Progress
+    from daemon.upstream.mailer import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ class OutboxSender:
     async def run(self, stopping: anyio.Event) -> None:
         """Send until ``stopping``; a Postgres outage only delays (logged once, then retried)."""
         next_purge = self.clock()
-        delay = 1.0
-        db_down = False
+        backoff = Backoff(1.0, 30.0, outage=Outage("outbox: Postgres", logger))
         leases_released = False
         while not stopping.is_set():
             # Created before sending, so a wake() during a long send is not lost.
@@ -115,17 +114,10 @@ class OutboxSender:
                 if self.clock() >= next_purge:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
-            except db.CONNECTION_ERRORS as exc:
-                if not db_down:
-                    logger.warning("outbox: Postgres unavailable (%s); retrying", exc.__class__.__name__)
-                db_down = True
-                with anyio.move_on_after(delay):
-                    await stopping.wait()
-                delay = min(30.0, delay * 2)
+            except CONNECTION_ERRORS as exc:
+                await backoff.wait(exc.__class__.__name__, stopping)
                 continue
-            if db_down:
-                logger.info("outbox: Postgres is back")
-            db_down, delay = False, 1.0
+            backoff.succeeded()
             if stopping.is_set():
                 break
             paused_s = self._not_before - self.clock()

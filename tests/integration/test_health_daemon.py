@@ -19,8 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.embedded import RedisServer
-from daemon.usage import FREE_COMMANDS
+from daemon.commands.embedded import RedisServer
+from daemon.primitives.clients import FREE_COMMANDS
 from tests.conftest import delete_prefix
 from tests.support.procs import SIGNING_KEY, DaemonProcess, daemon_env, run_cli
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ScraperStub, section_data

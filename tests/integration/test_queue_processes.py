@@ -18,15 +18,15 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.queue import Queue
+from daemon.primitives.queue import Queue
 from tests.support.queue_worker import done_key, parse_record, ready_key, started_key
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,16 @@ import httpx
 import pytest
 import redis.exceptions
 
-from daemon.breaker import BreakerConfig, CircuitBreaker
-from daemon.lock import CronLock, Grant
-from daemon.mailer import ResendTransport
-from daemon.metrics import Metrics
+from daemon.consumer import Consumer, Ticket
+from daemon.jobs import Done, Malformed
 from daemon.outbox import OutboxSender
-from daemon.queue import Consumer, Done, Malformed, Queue, Ticket, _Unsent
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.lock import CronLock, Grant
+from daemon.primitives.queue import Queue
+from daemon.runtime.metrics import Metrics
 from daemon.scheduler import Scheduler, enqueue_under, slot_id
+from daemon.settlement import _Unsent
+from daemon.upstream.mailer import ResendTransport
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 
@@ -25,8 +28,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 
 UTC_ZONE = ZoneInfo("UTC")
@@ -338,10 +341,10 @@ async def test_jobs_admitted_by_a_cycle_whose_reply_was_lost_go_back_to_the_queu
         raise AssertionError("nothing runs here")
 
     consumer = Consumer(queue, never_called, concurrency=2)
-    consumer._unconfirmed = _Unsent("lost-reply", [], [], [], 2)
-    result = await consumer._cycle([], keep_trying=lambda: False)
+    consumer.settlement.unconfirmed = _Unsent("lost-reply", [], [], [], 2)
+    result = await consumer.settlement.cycle([], keep_trying=lambda: False)
     assert result is not None
-    assert consumer._unconfirmed is None
+    assert consumer.settlement.unconfirmed is None
     admin = redis_clients.client("admin")
     entries = await admin.xrange(keys.stream)
     assert sorted((f["id"], f["attempts"]) for _, f in entries) == [("2261-40001", "0"), ("2261-40002", "0")]

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN
 
 SIGNING_KEY = "test-signing-key-3c2b1a"

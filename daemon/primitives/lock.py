@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from daemon.errors import LockNotOwned
+from daemon.errors import LockBusy, SlotDone
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import CountingRedis
+    from daemon.primitives.clients import CountingRedis
+    from daemon.primitives.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +59,6 @@ class LockStatus:
             "expires_at": self.expires_at_ms,
             "fence": self.fence,
         }
-
-
-class LockBusy(LockNotOwned):
-    """Someone else holds the lock."""
-
-    def __init__(self, holder: str, acquired_at_ms: int, expires_at_ms: int) -> None:
-        super().__init__(f"cron lock is held by {holder!r}")
-        self.holder = holder
-        self.acquired_at_ms = acquired_at_ms
-        self.expires_at_ms = expires_at_ms
-
-
-class SlotDone(Exception):
-    """The cron slot already ran (on this daemon or another)."""
 
 
 class CronLock:

@@ -1,37 +1,25 @@
-"""Redis clients that count their own commands, by purpose, the way Upstash bills them.
+"""Redis clients that count their own commands, by purpose, the way Upstash bills them; the outage boundary.
 
 Upstash bills every top-level command (each command of a pipeline too; a script call as one) except a few
 connection-level ones. The daemon makes one counting client per purpose over a shared connection pool, so
-every command is attributed without context variables; the counts are flushed to a per-day hash in Redis
-(one script call at most every flush interval) so ``seatwatch status`` can show them for every daemon.
+every command is attributed without context variables.
+
+This is also where a Redis outage gets its name: a connection refused, reset or timed out leaves
+``CountingRedis`` as ``errors.StoreUnavailable`` (the driver's error as its cause).
 """
 
 from __future__ import annotations
 
 import collections
-import logging
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from daemon.keys import Keys
-    from daemon.scripts import Scripts
-
-logger = logging.getLogger(__name__)
+from daemon.errors import StoreUnavailable
 
 # Connection-level commands Upstash does not bill.
 FREE_COMMANDS: Final = frozenset({"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"})
-
-
-USAGE_TTL_S: Final = 40 * 86400
-
-
-def utc_day(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
 
 
 class Usage:
@@ -70,7 +58,10 @@ class CountingRedis(aioredis.Redis):
         name = str(args[0]).upper() if args else ""
         if name not in FREE_COMMANDS:
             self.usage.add(self.purpose)
-        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreUnavailable("redis", f"{exc.__class__.__name__}: {exc}") from exc
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         raise NotImplementedError("seatwatch does not use pipelines: use a script (one billed command)")
@@ -116,52 +107,11 @@ class RedisClients:
         await self.client("health").ping()
 
     async def aclose(self) -> None:
+        """Close both pools."""
         await self.pool.aclose()
         await self.blocking_pool.aclose()
 
 
-class UsageLedger:
-    """Flushes this process's counts into ``{prefix}:usage:{day}`` and reads them back for status."""
-
-    def __init__(self, clients: RedisClients, keys: Keys, scripts: Scripts, now: Callable[[], float]) -> None:
-        self.clients = clients
-        self.keys = keys
-        self.scripts = scripts
-        self.now = now
-        self.redis = clients.client("usage")
-
-    async def flush(self) -> bool:
-        """Add the unflushed counts (the flush itself included) to today's hash; one script call."""
-        if not self.clients.usage.unflushed:
-            return False
-        self.clients.usage.add("usage")  # the call below, counted before it happens so it is included
-        counts = self.clients.usage.take_unflushed()
-        args: list[str | int] = [USAGE_TTL_S]
-        for purpose, n in sorted(counts.items()):
-            args.extend((purpose, n))
-        try:
-            await self.scripts.call("usage_flush", [self.keys.usage(utc_day(self.now()))], args, self.redis)
-        except Exception:
-            self.clients.usage.give_back(counts)
-            raise
-        return True
-
-    async def today(self) -> dict[str, int]:
-        raw: dict[Any, Any] = await self.clients.client("admin").hgetall(self.keys.usage(utc_day(self.now())))
-        return {str(k): int(v) for k, v in raw.items()}
-
-
-def projection(today: dict[str, int], now: float, budget_per_day: int) -> dict[str, Any]:
-    """Today's count by purpose, extrapolated to a 30-day month, against the daily budget."""
-    total = sum(today.values())
-    midnight = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    elapsed_s = max(60.0, now - midnight.timestamp())
-    per_day = total * 86400 / elapsed_s
-    return {
-        "today": total,
-        "by_purpose": dict(sorted(today.items())),
-        "projected_day": round(per_day),
-        "projected_month": round(per_day * 30),
-        "budget_per_day": budget_per_day,
-        "budget_month": budget_per_day * 30,
-    }
+# What a loop that talks to Redis waits out and retries: an outage, or a command the server refused (out of
+# memory, read-only during a failover, a request limit) that may succeed later.
+REDIS_ERRORS: Final = (StoreUnavailable, redis.exceptions.RedisError)

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     from daemon.config import Settings
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import CountingRedis
+    from daemon.primitives.clients import CountingRedis
+    from daemon.primitives.scripts import Scripts
 
 OutcomeKind = Literal["s", "f", "n"]  # success, failure, neutral (frees a trial slot only)
 

@@ -8,17 +8,18 @@
 -- ARGV[1] group, ARGV[2] JSON {
 --   cfg: breaker cfg + dlq_maxlen,
 --   outcomes: [[kind, trial_id], ...]  breaker outcomes in the order the calls finished,
---   done: [[eid, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw], ...]
---         action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
+--   done: [{entry_id, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw}, ...]
+--         (jobs.DoneWire) action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
 --                 | requeue (back to the stream now, spends none: a job interrupted by shutdown)
 --                 | dead (dead-letter) | poison (malformed entry: dead-letter as is),
---   read: [[eid, id, term, class_nbr, attempts, enqueued_ms], ...]  entries just read, to admit,
+--   read: [{entry_id, id, term, class_nbr, attempts, enqueued_ms}, ...]  entries just read, to admit
+--         (jobs.JobWire),
 --   fetch: n  when no entries are given, read up to n new ones for this consumer here (no blocking)
 -- }
 -- ARGV[3] consumer name (for fetch)
 -- Reply: JSON {admitted, trials, retry_after_ms, deferred, fetched, poisoned, breaker, next_due_ms, stream,
---   pending, delayed, dead_letters}. `fetched` lists the entries this call read (as `read` would give them);
---   `poisoned` lists [entry id, reason] of fetched entries that were not jobs (now dead letters).
+--   pending, delayed, dead_letters}. `fetched` lists the entries this call read (as `read` gives them);
+--   `poisoned` lists {entry_id, reason} of fetched entries that were not jobs (now dead letters).
 --   A call whose reply was lost is retried with the same cycle id: it gets the cached reply and changes
 --   nothing, so no outcome is applied twice.
 --   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
@@ -40,22 +41,22 @@ end
 local wait_ms = breaker_wait_ms(b, cfg, now)
 
 for _, d in ipairs(a.done) do
-    local eid, id, action = d[1], d[2], d[3]
+    local eid, id, action = d.entry_id, d.id, d.action
     local owned = q_owned(KEYS[2], id, eid)
     q_remove(KEYS[1], group, eid)
     if action == 'poison' then
-        q_dead(KEYS[5], cfg.dlq_maxlen, id, d[5], d[6], d[7], d[9], eid, now, d[10])
+        q_dead(KEYS[5], cfg.dlq_maxlen, id, d.term, d.class_nbr, d.attempts, d.error, eid, now, d.raw)
     elseif owned then
         if action == 'ack' then
             redis.call('HDEL', KEYS[2], id)
         elseif action == 'retry' or action == 'defer' then
-            local delay = tonumber(d[4])
+            local delay = tonumber(d.delay_ms)
             if action == 'retry' then delay = math.max(delay, wait_ms) end
-            q_delay(KEYS[2], KEYS[3], KEYS[4], id, now + delay, d[5], d[6], d[7], d[8])
+            q_delay(KEYS[2], KEYS[3], KEYS[4], id, now + delay, d.term, d.class_nbr, d.attempts, d.enqueued_ms)
         elseif action == 'requeue' then
-            q_add(KEYS[1], KEYS[2], id, d[5], d[6], d[7], d[8])
+            q_add(KEYS[1], KEYS[2], id, d.term, d.class_nbr, d.attempts, d.enqueued_ms)
         elseif action == 'dead' then
-            q_dead(KEYS[5], cfg.dlq_maxlen, id, d[5], d[6], d[7], d[9], eid, now, '')
+            q_dead(KEYS[5], cfg.dlq_maxlen, id, d.term, d.class_nbr, d.attempts, d.error, eid, now, '')
             redis.call('HDEL', KEYS[2], id)
         end
     end
@@ -70,11 +71,12 @@ if #a.read == 0 and (a.fetch or 0) > 0 then
             local why = q_not_a_job(f)
             if why == nil then
                 -- Numbers stay strings: cjson would round an enqueued_ms past 14 digits.
-                fetched[#fetched + 1] = {eid, f.id, f.term, f.class_nbr, f.attempts or '0', f.enqueued_ms or '0'}
+                fetched[#fetched + 1] = {entry_id = eid, id = f.id, term = f.term, class_nbr = f.class_nbr,
+                    attempts = f.attempts or '0', enqueued_ms = f.enqueued_ms or '0'}
             else
                 q_remove(KEYS[1], group, eid)
                 q_dead(KEYS[5], cfg.dlq_maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
-                poisoned[#poisoned + 1] = {eid, why}
+                poisoned[#poisoned + 1] = {entry_id = eid, reason = why}
             end
         end
     end
@@ -87,10 +89,10 @@ if n > 0 then
     admitted, trials, retry_ms, b = breaker_allow(KEYS[6], KEYS[7], n, cfg, now)
     for i = admitted + 1, n do
         local r = a.read[i]
-        local owned = q_owned(KEYS[2], r[2], r[1])
-        q_remove(KEYS[1], group, r[1])
+        local owned = q_owned(KEYS[2], r.id, r.entry_id)
+        q_remove(KEYS[1], group, r.entry_id)
         if owned then
-            q_delay(KEYS[2], KEYS[3], KEYS[4], r[2], now + retry_ms, r[3], r[4], r[5], r[6])
+            q_delay(KEYS[2], KEYS[3], KEYS[4], r.id, now + retry_ms, r.term, r.class_nbr, r.attempts, r.enqueued_ms)
             deferred = deferred + 1
         end
     end

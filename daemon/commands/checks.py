@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.exceptions
 
-from daemon import db
-from daemon.config import redact_url
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.errors import error_name
+from daemon.primitives.clients import REDIS_ERRORS, RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.secret import redact_url
+from daemon.store.migrations import pending_migrations
+from daemon.store.pool import CONNECTION_ERRORS, connect
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -35,18 +37,18 @@ async def run_checks(settings: Settings) -> list[Result]:
 
 async def _postgres(settings: Settings) -> Result:
     try:
-        conn = await db.connect(settings.database_url.reveal())
-    except (*db.CONNECTION_ERRORS, OSError) as exc:
+        conn = await connect(settings.database_url.reveal())
+    except (*CONNECTION_ERRORS, OSError) as exc:
         return (
             "postgres",
             False,
-            f"cannot connect to {redact_url(settings.database_url.reveal())}: {exc.__class__.__name__}",
+            f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}",
         )
     except Exception as exc:
         return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
     try:
         version = await conn.fetchval("SHOW server_version")
-        pending = await db.pending_migrations(conn)
+        pending = await pending_migrations(conn)
     finally:
         await conn.close()
     if pending:
@@ -69,11 +71,11 @@ async def _redis(settings: Settings) -> Result:
         )
     except redis.exceptions.ResponseError as exc:
         return ("redis", False, f"a script does not load: {exc}")
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         return (
             "redis",
             False,
-            f"cannot reach {redact_url(settings.redis_url.reveal())}: {exc.__class__.__name__}",
+            f"cannot reach {redact_url(settings.redis_url.reveal())}: {error_name(exc)}",
         )
     finally:
         await clients.aclose()

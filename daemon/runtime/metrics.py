@@ -14,8 +14,8 @@ from prometheus_client.process_collector import ProcessCollector
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from daemon.breaker import BreakerState
-    from daemon.queue import QueueStats
+    from daemon.primitives.breaker import BreakerState
+    from daemon.primitives.queue import QueueStats
 
 BREAKER_STATES = ("CLOSED", "HALF_OPEN", "OPEN")
 
@@ -29,6 +29,12 @@ class Metrics:
             "seatwatch_scrape_duration_seconds",
             "Duration of one scrape request",
             buckets=(0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120),
+            registry=r,
+        )
+        self.scraper_drift = Counter(
+            "seatwatch_scraper_drift",
+            "Odd describing fields in scraper answers (recorded anyway), by field and kind",
+            ["field", "kind"],
             registry=r,
         )
         self.notifications = Counter(

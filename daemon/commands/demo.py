@@ -24,13 +24,17 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import orjson
 
-from daemon import db, embedded, logs
+from daemon import logs
+from daemon.commands import embedded
 from daemon.config import Settings
+from daemon.errors import EmbeddedUnavailable
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-logger = logging.getLogger("daemon.demo")
+logger = logging.getLogger("daemon.commands.demo")
 
 TERM = "2261"
 DEMO_TOKEN = "demo-scraper-token"  # noqa: S105 - a loopback-only demo value, not a secret
@@ -127,9 +131,9 @@ def simulated_scraper() -> Iterator[str]:
 
 async def seed(database_url: str) -> None:
     """Users, profiles, watches, and legacy class_states rows (full, Staff) as the web app writes them."""
-    conn = await db.connect(database_url)
+    conn = await connect(database_url)
     try:
-        await db.migrate(conn)
+        await migrate(conn)
         async with conn.transaction():
             for user_id, email, enabled in USERS:
                 await conn.execute(
@@ -171,7 +175,7 @@ async def demo_database(database_url: str) -> str:
     """``seatwatch_demo`` on the server of ``database_url``, created if missing; its URL."""
     parts = urlsplit(database_url)
     demo_url = urlunsplit((parts.scheme, parts.netloc, "/seatwatch_demo", parts.query, parts.fragment))
-    conn = await db.connect(database_url)
+    conn = await connect(database_url)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'seatwatch_demo'")
         if not exists:
@@ -215,7 +219,7 @@ def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, s
         else:
             try:
                 redis_url, database_url = stack.enter_context(embedded.servers(folder / "servers"))
-            except embedded.EmbeddedUnavailable as exc:
+            except EmbeddedUnavailable as exc:
                 print(f"seatwatch demo: {exc}")
                 return 1
             where = f"embedded Redis and PostgreSQL under {folder / 'servers'}"
@@ -264,7 +268,7 @@ def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, s
 
 
 async def _run_daemon(settings: Settings, duration_s: float | None) -> int:
-    from daemon.supervisor import Daemon
+    from daemon.runtime.supervisor import Daemon
 
     daemon = Daemon(settings)
     result = 0

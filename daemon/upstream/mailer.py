@@ -27,7 +27,7 @@ import orjson
 
 from daemon.detect import INSTRUCTOR_ASSIGNED, SEAT_AVAILABLE, Observation
 from daemon.errors import EmailError
-from daemon.scraper import parse_retry_after
+from daemon.upstream.scraper import parse_retry_after
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -86,7 +86,7 @@ class Renderer:
         token = unsubscribe_token(user_id, self.signing_key, now_ms + TOKEN_LIFETIME_MS)
         unsubscribe_url = f"{self.site_url}/api/unsubscribe?token={token}"
         catalog_url = f"{self.site_url}/go/asu?classNbr={digits(class_nbr)}&term={digits(term)}"
-        course = f"{obs.subject} {obs.catalog_nbr}"
+        course = _course(obs)
         if kind == SEAT_AVAILABLE:
             subject = f"🎉 Seat Available: {course} ({class_nbr})"
             html, text = _seat_body(obs, class_nbr, catalog_url, unsubscribe_url)
@@ -115,7 +115,9 @@ def _plural(n: int, word: str) -> str:
 
 def _details(obs: Observation, class_nbr: str) -> tuple[list[str], list[str]]:
     """The Section / Instructor / Location / Meeting Times rows, as HTML and as text."""
-    rows = [("Section", class_nbr), ("Instructor", obs.instructor)]
+    rows = [("Section", class_nbr)]
+    if obs.instructor:
+        rows.append(("Instructor", obs.instructor))
     if obs.location:
         rows.append(("Location", obs.location))
     if obs.meeting_times:
@@ -125,8 +127,14 @@ def _details(obs: Observation, class_nbr: str) -> tuple[list[str], list[str]]:
     return html, text
 
 
+def _course(obs: Observation) -> str:
+    """ "CSE 110"; the pipeline fills an unknown subject or catalog number from the watch, so a blank here
+    is a watch without one too, and the line still reads."""
+    return " ".join(part for part in (obs.subject, obs.catalog_nbr) if part) or "Class"
+
+
 def _heading(obs: Observation) -> str:
-    course = f"{obs.subject} {obs.catalog_nbr}"
+    course = _course(obs)
     return f"{course}: {obs.title}" if obs.title else course
 
 

@@ -1,4 +1,4 @@
-"""The health and metrics listener, and the monitor whose snapshot it serves.
+"""The health and metrics listener: serves what ``runtime.report`` builds from the monitor's snapshot.
 
 ``GET /api/monitoring/health`` (and ``/health``) answers from memory: the monitor probes Postgres
 (``SELECT 1``) and Redis (``PING``, which Upstash does not bill) every few seconds, and everything else is
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import h11
@@ -28,6 +26,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import SocketStream, TaskStatus
 
+    from daemon.runtime.report import HealthReport
+
 logger = logging.getLogger(__name__)
 
 HEALTH_PATHS: Final = frozenset({"/api/monitoring/health", "/health"})
@@ -36,52 +36,6 @@ MAX_HEADER_BYTES: Final = 16 * 1024
 REQUEST_TIMEOUT_S: Final = 5.0
 MAX_CONNECTIONS: Final = 64
 MAX_REQUESTS_PER_CONNECTION: Final = 100
-
-STATUS_CODES: Final = {"healthy": 200, "degraded": 503, "unhealthy": 500}
-
-
-def iso(epoch_s: float | None) -> str | None:
-    if epoch_s is None:
-        return None
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class Probe:
-    """The last liveness probe of one dependency."""
-
-    ok: bool = False
-    latency_ms: float | None = None
-    error: str | None = None
-    at: float | None = None  # monotonic
-
-    def check(self, now: float) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": "healthy" if self.ok else "unhealthy", "connected": self.ok}
-        if self.latency_ms is not None and self.ok:
-            body["latency_ms"] = round(self.latency_ms, 2)
-        if self.error and not self.ok:
-            body["error"] = self.error
-        body["age_s"] = None if self.at is None else round(now - self.at, 1)
-        return body
-
-
-@dataclass
-class HealthReport:
-    status: str
-    body: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def code(self) -> int:
-        return STATUS_CODES[self.status]
-
-
-def overall(checks: dict[str, dict[str, Any]]) -> str:
-    statuses = {c.get("status") for c in checks.values()}
-    if "unhealthy" in statuses:
-        return "unhealthy"
-    if "degraded" in statuses:
-        return "degraded"
-    return "healthy"
 
 
 class HealthServer:

@@ -10,21 +10,20 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import redis.exceptions
 
-from daemon import db
-from daemon.health import iso
-from daemon.lock import LockBusy
+from daemon.errors import Exit, LockBusy, driver_error, error_name
+from daemon.primitives.clients import REDIS_ERRORS
+from daemon.primitives.usage import projection
+from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
+from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under, group_for, next_slot
-from daemon.supervisor import Parts, build_parts
-from daemon.usage import projection
+from daemon.store import db
+from daemon.store.pool import CONNECTION_ERRORS, connect, create_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
     from daemon.config import Settings
-
-EX_OK, EX_FAILURE, EX_USAGE, EX_LOCKED = 0, 1, 2, 3
 
 
 @contextlib.asynccontextmanager
@@ -35,14 +34,14 @@ async def _parts(settings: Settings) -> AsyncIterator[Parts]:
     try:
         yield parts
     finally:
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS, OSError):
             await parts.ledger.flush()
         await parts.clients.aclose()
 
 
 def _fail(message: str) -> int:
     print(f"seatwatch: {message}", file=sys.stderr)
-    return EX_FAILURE
+    return Exit.FAILURE
 
 
 async def tick_now(settings: Settings, group: str | None) -> int:
@@ -51,29 +50,29 @@ async def tick_now(settings: Settings, group: str | None) -> int:
         group = group_for(datetime.now(settings.tz), settings.stagger)
     try:
         async with _parts(settings) as parts:
-            pool = await db.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+            pool = await create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
             try:
                 try:
                     grant = await parts.lock.acquire()
                 except LockBusy as busy:
                     since = iso(busy.acquired_at_ms / 1000)
                     print(f"cron lock held by {busy.holder} since {since}; nothing enqueued", file=sys.stderr)
-                    return EX_LOCKED
+                    return Exit.LOCKED
                 try:
                     result = await enqueue_under(grant, pool, parts.queue, group, None)
                 finally:
                     await parts.lock.release(grant)
             finally:
                 await pool.close()
-    except (redis.exceptions.RedisError, OSError, *db.CONNECTION_ERRORS) as exc:
-        return _fail(f"tick failed: {exc.__class__.__name__}: {exc}")
+    except (*REDIS_ERRORS, OSError, *CONNECTION_ERRORS) as exc:
+        return _fail(f"tick failed: {error_name(exc)}: {driver_error(exc)}")
     if result.fenced:
         return _fail("the cron lock changed hands during the tick; nothing enqueued")
     print(
         f"tick ({group}): {result.sections} sections, {result.enqueued} enqueued, "
         f"{result.already_queued} already queued, {result.duration_ms} ms (fence {result.fence})"
     )
-    return EX_OK
+    return Exit.OK
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -84,22 +83,23 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         today = await parts.ledger.today()
     outbox: dict[str, Any]
     try:
-        conn = await db.connect(settings.database_url.reveal())
+        conn = await connect(settings.database_url.reveal())
         try:
             outbox = await db.outbox_counts(conn)
         finally:
             await conn.close()
-    except (*db.CONNECTION_ERRORS, OSError) as exc:
-        outbox = {"pending": None, "failed": None, "error": exc.__class__.__name__}
+    except (*CONNECTION_ERRORS, OSError) as exc:
+        outbox = {"pending": None, "failed": None, "error": error_name(exc)}
     now = time.time()
     last = orjson.loads(lock.last_tick) if lock.last_tick else None
-    lock_view = lock.as_dict()
-    for key in ("lock_acquired_at", "expires_at"):
-        lock_view[key] = iso(lock_view[key] / 1000) if lock_view[key] else None
+    held = lock.holder if lock.locked else None
     return {
-        "breaker": breaker.as_dict(),
-        "lock": lock_view,
-        "queue": queue.as_dict(),
+        "breaker": breaker_view(breaker),
+        "lock": {
+            **lock_view(held, lock.acquired_at_ms, lock.expires_at_ms, int(now * 1000), time_held_ms=lock.time_held_ms),
+            "fence": lock.fence,
+        },
+        "queue": queue_view(queue),
         "outbox": outbox,
         "ticks": {
             "last": last,
@@ -115,11 +115,12 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 async def status(settings: Settings, *, as_json: bool) -> int:
     try:
         report = await collect_status(settings)
-    except (redis.exceptions.RedisError, OSError) as exc:
-        return _fail(f"Redis unavailable: {exc.__class__.__name__}: {exc}")
+    except (*REDIS_ERRORS, OSError) as exc:
+        shown = driver_error(exc)
+        return _fail(f"Redis unavailable: {shown.__class__.__name__}: {shown}")
     if as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-        return EX_OK
+        return Exit.OK
     b, lk, q, o, t, r = (report[k] for k in ("breaker", "lock", "queue", "outbox", "ticks", "redis_commands"))
     print(
         f"breaker   {b['state']}  failures={b['failure_count']} successes={b['success_count']}"
@@ -141,7 +142,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         f"redis     today={r['today']} ({by}); projected {r['projected_day']}/day, {r['projected_month']}/month "
         f"against a budget of {r['budget_per_day']}/day"
     )
-    return EX_OK
+    return Exit.OK
 
 
 async def breaker_reset(settings: Settings) -> int:
@@ -149,7 +150,7 @@ async def breaker_reset(settings: Settings) -> int:
         before = await parts.breaker.status()
         await parts.breaker.reset()
     print(f"breaker reset to CLOSED (was {before.state}, {before.failures} failures)")
-    return EX_OK
+    return Exit.OK
 
 
 async def lock_release(settings: Settings) -> int:
@@ -160,7 +161,7 @@ async def lock_release(settings: Settings) -> int:
         print(f"cron lock released (was held by {was.holder})")
     else:
         print("cron lock was not held")
-    return EX_OK
+    return Exit.OK
 
 
 async def dlq_list(settings: Settings, *, count: int, as_json: bool) -> int:
@@ -170,31 +171,31 @@ async def dlq_list(settings: Settings, *, count: int, as_json: bool) -> int:
         print(
             orjson.dumps([{"entry_id": eid, **fields} for eid, fields in entries], option=orjson.OPT_INDENT_2).decode()
         )
-        return EX_OK
+        return Exit.OK
     if not entries:
         print("no dead letters")
     for eid, f in entries:
         when = iso(int(f.get("failed_ms", "0")) / 1000)
         print(f"{eid}  {f.get('id') or '?'}  attempts={f.get('attempts')}  {when}  {f.get('error')}")
-    return EX_OK
+    return Exit.OK
 
 
 async def dlq_requeue(settings: Settings, ids: Sequence[str]) -> int:
     bad = [i for i in ids if not re.fullmatch(r"\d+-\d+", i)]
     if bad:
         print(f"seatwatch: not dead-letter entry ids: {', '.join(bad)} (see `seatwatch dlq list`)", file=sys.stderr)
-        return EX_USAGE
+        return Exit.USAGE
     async with _parts(settings) as parts:
         result = await parts.queue.requeue_dead(ids)
     print(
         f"requeued {result['requeued']}, already queued {result['already_queued']}, "
         f"left (no term/class number) {result['invalid']}, not found {result['missing']}"
     )
-    return EX_OK if not result["missing"] else EX_FAILURE
+    return Exit.OK if not result["missing"] else Exit.FAILURE
 
 
 async def dlq_purge(settings: Settings) -> int:
     async with _parts(settings) as parts:
         count = await parts.queue.purge_dead()
     print(f"purged {count} dead letters")
-    return EX_OK
+    return Exit.OK

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from redis.commands.core import AsyncScript
 
-    from daemon.usage import CountingRedis
+    from daemon.primitives.clients import CountingRedis
 
 SCRIPTS: Final = (
     "lock_acquire",
@@ -42,7 +42,7 @@ _INCLUDE = re.compile(r"^-- include: (\w+)\s*$", re.MULTILINE)
 
 def source(name: str) -> str:
     """The full text of script ``name`` with its includes prepended."""
-    folder = resources.files("daemon") / "lua"
+    folder = resources.files("daemon.primitives") / "lua"
     text = (folder / f"{name}.lua").read_text(encoding="utf-8")
     parts = [(folder / f"{lib}.lua").read_text(encoding="utf-8") for lib in _INCLUDE.findall(text)]
     return "\n".join([*parts, text])

