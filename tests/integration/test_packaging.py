@@ -64,7 +64,8 @@ def test_unit_file_matches_the_daemon() -> None:
     assert service["LoadCredential"] == "seatwatch:/etc/seatwatch/credentials"
     assert text.count("LoadCredential=") == 1
     assert service["EnvironmentFile"] == "/etc/seatwatch/seatwatch.env"
-    assert service["LogRateLimitIntervalSec"] and int(service["LogRateLimitBurst"]) > 0
+    assert service["LogRateLimitIntervalSec"] == "30s"
+    assert int(service["LogRateLimitBurst"]) > 0
     assert "\nMemoryDenyWriteExecute=" not in text
 
 
