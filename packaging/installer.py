@@ -695,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("install.sh: run as root (or stage into a folder with --root DIR)")
         return 1
 
+    # Releases must be readable by the seatwatch user whatever root's umask is; secrets get their modes explicitly.
+    os.umask(0o022)
+
     def interrupted(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the cleanup of a half-built release
 
