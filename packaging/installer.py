@@ -609,11 +609,13 @@ def install(host: Host, args: argparse.Namespace) -> int:
         host.system(["systemctl", "try-restart", UNIT_NAME])
         kept = layout.prune(KEEP_RELEASES)
         say(f"releases kept: {', '.join(kept)}")
-    if previous is None:
+    if previous is None and ok:
+        say("next: sudo systemctl enable --now seatwatch")
+    elif previous is None:
         missing = [n for n in CREDENTIALS if not (host.path(ETC / "credentials") / n).exists()]
         say("next:")
-        say(f"  1. edit {ETC}/seatwatch.env; put each secret in {ETC}/credentials/<name> (0600):")
-        say(f"     {', '.join(missing) if missing else 'all present'}")
+        say(f"  1. edit {ETC}/seatwatch.env; put each secret in {ETC}/credentials/<name> (0600); missing now:")
+        say(f"     {', '.join(missing) or 'none'} (the last two only for SEATWATCH_EMAIL_TRANSPORT=resend)")
         say(f"  2. sudo seatwatch check --env-file {ETC}/seatwatch.env")
         say("  3. sudo systemctl enable --now seatwatch")
     return 0
