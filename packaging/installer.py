@@ -616,7 +616,7 @@ def install(host: Host, args: argparse.Namespace) -> int:
         say("next:")
         say(f"  1. edit {ETC}/seatwatch.env; put each secret in {ETC}/credentials/<name> (0600); missing now:")
         say(f"     {', '.join(missing) or 'none'} (the last two only for SEATWATCH_EMAIL_TRANSPORT=resend)")
-        say(f"  2. sudo seatwatch check --env-file {ETC}/seatwatch.env")
+        say(f"  2. sudo {BIN_LINK} check --env-file {ETC}/seatwatch.env")
         say("  3. sudo systemctl enable --now seatwatch")
     return 0
 

@@ -247,7 +247,7 @@ def test_first_install_without_settings_switches_and_says_what_to_fill_in(tmp_pa
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert env_file.read_text() == (source / "packaging/seatwatch.env").read_text()
     assert "database_url, redis_url, scraper_secret_token, resend_api_key, supabase_service_role_key" in result.stdout
-    assert "sudo seatwatch check --env-file /etc/seatwatch/seatwatch.env" in result.stdout
+    assert "sudo /usr/local/bin/seatwatch check --env-file /etc/seatwatch/seatwatch.env" in result.stdout
 
 
 def broken_python(folder: Path, *, sleep_s: float = 0) -> Path:
