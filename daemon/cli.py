@@ -23,13 +23,21 @@ if TYPE_CHECKING:
 DEFAULT_CREDENTIALS: Final = "/etc/seatwatch/credentials"
 
 
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked for (in a checkout it asks git for the commit)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from daemon.version import version
+
+        print(f"seatwatch {version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seatwatch", description="Watch class sections and email students when a seat opens."
     )
-    from daemon.version import version
-
-    parser.add_argument("--version", action="version", version=f"seatwatch {version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version (with its commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="the daemon (systemd ExecStart)")
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")

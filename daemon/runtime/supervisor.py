@@ -39,6 +39,7 @@ from daemon.store.migrations import migrate
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
 from daemon.upstream.mailer import Renderer
 from daemon.upstream.scraper import Scraper
+from daemon.version import version
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -219,7 +220,8 @@ class Daemon:
         self.notifier.ready(report.status_line(self))
         self._started = True
         logger.info(
-            "ready: consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
+            "ready: seatwatch %s, consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
+            version(),
             settings.consumer,
             settings.concurrency,
             settings.cron,
