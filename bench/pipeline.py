@@ -45,7 +45,7 @@ from daemon.primitives.scripts import Scripts
 from daemon.runtime.metrics import Metrics
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect, create_pool
-from daemon.upstream.mailer import Renderer
+from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data
 

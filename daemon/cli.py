@@ -101,6 +101,7 @@ def load_settings(needs: Needs, env: dict[str, str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``seatwatch`` command: parse the arguments, run the command, return its exit status."""
     args = _parser().parse_args(argv)
     command: str = args.command
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

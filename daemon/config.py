@@ -106,6 +106,7 @@ class Settings:
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
+        """The cron's time zone."""
         return zoneinfo.ZoneInfo(self.timezone)
 
     def summary(self) -> dict[str, object]:

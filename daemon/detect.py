@@ -43,6 +43,7 @@ class Observation:
 
     @property
     def open_seats(self) -> int:
+        """Seats open to anyone: the non-reserved count when the class search gives one."""
         return self.non_reserved_seats if self.non_reserved_seats is not None else self.seats_available
 
     def row(self) -> tuple[object, ...]:
@@ -71,15 +72,19 @@ class PreviousState:
 
     @property
     def open_seats(self) -> int | None:
+        """Seats that were open (``open_seats`` of the stored counts)."""
         return open_seats(self.seats_available, self.non_reserved_seats)
 
 
 def open_seats(seats_available: int | None, non_reserved_seats: int | None) -> int | None:
+    """The non-reserved count when known, else the available count."""
     return non_reserved_seats if non_reserved_seats is not None else seats_available
 
 
 @dataclass(frozen=True)
 class Changes:
+    """What changed between two observations of a section."""
+
     first_observation: bool = False
     seat_opened: bool = False
     seats_filled: bool = False
@@ -87,6 +92,7 @@ class Changes:
 
     @property
     def notification_types(self) -> list[str]:
+        """The notification types this change sends (seat available, instructor assigned)."""
         types = []
         if self.seat_opened:
             types.append(SEAT_AVAILABLE)
@@ -101,6 +107,7 @@ class Changes:
 
 
 def detect(previous: PreviousState | None, new: Observation) -> Changes:
+    """The changes from ``previous`` (None: never seen) to ``new``; pure, no I/O."""
     if previous is None:
         return Changes(first_observation=True)
     before, after = previous.open_seats, new.open_seats

@@ -75,6 +75,26 @@ class EmailError(UpstreamError):
     """Resend refused or failed a request."""
 
 
+class EmailRetry(EmailError):
+    """Try the same batch again later (429, 5xx, network, a key in use).
+
+    ``ambiguous``: the batch may have been delivered (no answer, or a 5xx). ``pause_all``: the cause is
+    not this batch (a rate limit, our API key), so no other batch should go before ``retry_after_s``.
+    """
+
+    def __init__(
+        self, message: str, retry_after_s: float | None = None, *, ambiguous: bool, pause_all: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.ambiguous = ambiguous
+        self.pause_all = pause_all
+
+
+class EmailRejected(EmailError):
+    """Resend refused the batch's content (400/422): nothing was sent, retrying the same bytes cannot help."""
+
+
 class JobError(SeatwatchError):
     """Tells the queue what to do with a job that did not complete."""
 

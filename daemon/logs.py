@@ -31,6 +31,7 @@ _PRIORITY: Final = {
 
 
 def priority(levelno: int) -> int:
+    """The syslog priority (0-7) journald shows for a logging level."""
     for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
         if levelno >= level:
             return _PRIORITY[level]
@@ -60,6 +61,7 @@ class JournalFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
+        """One line, ``<N>`` priority first, continuation lines indented."""
         text = record.getMessage()
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
@@ -88,6 +90,7 @@ class JsonFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON object per record."""
         event: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from daemon.consumer import Ticket
     from daemon.runtime.metrics import Metrics
-    from daemon.upstream.mailer import Renderer
+    from daemon.upstream.render import Renderer
     from daemon.upstream.scraper import Scraper
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ DRIFT_LOG_INTERVAL_S = 3600.0
 
 @dataclass(frozen=True)
 class SectionResult:
+    """What one section's check did: the changes seen and the emails queued."""
+
     changes: Changes
     emails: int
     previous_source: str | None
@@ -193,6 +195,7 @@ class DriftReport:
         self._warned_at: dict[Drift, float] = {}
 
     def report(self, section_id: str, observation: Observation) -> None:
+        """Count the observation's odd describing fields; log each kind at most once an interval."""
         for drift in observation.drift:
             field_name, kind = drift
             self.metrics.scraper_drift.labels(field_name, kind).inc()

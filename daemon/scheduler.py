@@ -59,6 +59,7 @@ def next_slot(cron: str, tz: ZoneInfo, after: datetime) -> datetime:
 
 
 def slot_id(at: datetime) -> str:
+    """A cron slot's id: its UTC minute, ``2026-01-15T16:30Z``."""
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
@@ -74,6 +75,8 @@ def group_for(at: datetime, stagger: str) -> str:
 
 @dataclass(frozen=True)
 class TickResult:
+    """What one tick did: sections read, enqueued, already queued; fenced if the lock changed hands."""
+
     slot: str | None
     group: str
     sections: int
@@ -85,6 +88,7 @@ class TickResult:
     finished_at: float
 
     def as_dict(self) -> dict[str, Any]:
+        """Its fields for health, status and the lock's last-tick record."""
         return {
             "slot": self.slot,
             "group": self.group,
@@ -127,6 +131,8 @@ async def enqueue_under(grant: Grant, pool: asyncpg.Pool, queue: Queue, group: s
 
 
 class Scheduler:
+    """The cron loop: each slot runs once across every daemon, under the cron lock, within the misfire grace."""
+
     def __init__(
         self,
         *,
@@ -159,6 +165,7 @@ class Scheduler:
 
     @property
     def next_tick(self) -> datetime | None:
+        """The slot it waits for (or runs), if any."""
         return self.waiting_for
 
     def overdue(self, allowance_s: float = 120.0) -> bool:
@@ -167,6 +174,7 @@ class Scheduler:
         return late or self.missed is not None
 
     async def run(self, stopping: anyio.Event) -> None:
+        """Tick each cron slot until ``stopping``; first the latest slot if it is within the grace."""
         handled = latest_slot(self.cron, self.tz, self.now())
         if self.now() - handled.timestamp() <= self.grace_s:
             self.waiting_for = handled

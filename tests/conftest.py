@@ -17,6 +17,7 @@ from daemon.primitives.clients import RedisClients
 from daemon.primitives.scripts import Scripts
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect, create_pool
+from tests.support.procs import Daemons
 from tests.support.servers import TestServers
 from tests.support.stubs import ResendStub, ScraperStub
 
@@ -157,3 +158,11 @@ def resend() -> Iterator[ResendStub]:
     stub = ResendStub().start()
     yield stub
     stub.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Starts real ``seatwatch run`` processes for a test; kills any still running when it ends."""
+    made = Daemons()
+    yield made
+    made.kill_all()

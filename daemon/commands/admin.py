@@ -76,6 +76,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
+    """What ``status`` shows, built from the same views as health (``runtime.report``); a few Redis calls."""
     async with _parts(settings) as parts:
         breaker = await parts.breaker.status()
         lock = await parts.lock.status()
@@ -113,6 +114,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 
 
 async def status(settings: Settings, *, as_json: bool) -> int:
+    """``seatwatch status [--json]``: breaker, lock, queue, outbox, ticks and Redis commands."""
     try:
         report = await collect_status(settings)
     except (*REDIS_ERRORS, OSError) as exc:
@@ -146,6 +148,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
 
 
 async def breaker_reset(settings: Settings) -> int:
+    """``seatwatch breaker reset``: close the breaker and zero its counts."""
     async with _parts(settings) as parts:
         before = await parts.breaker.status()
         await parts.breaker.reset()
@@ -154,6 +157,7 @@ async def breaker_reset(settings: Settings) -> int:
 
 
 async def lock_release(settings: Settings) -> int:
+    """``seatwatch lock release --force``: free the cron lock whoever holds it."""
     async with _parts(settings) as parts:
         was = await parts.lock.status()
         released = await parts.lock.force_release()
@@ -165,6 +169,7 @@ async def lock_release(settings: Settings) -> int:
 
 
 async def dlq_list(settings: Settings, *, count: int, as_json: bool) -> int:
+    """``seatwatch dlq list``: the oldest dead letters."""
     async with _parts(settings) as parts:
         entries = await parts.queue.dead_letters(count)
     if as_json:
@@ -181,6 +186,7 @@ async def dlq_list(settings: Settings, *, count: int, as_json: bool) -> int:
 
 
 async def dlq_requeue(settings: Settings, ids: Sequence[str]) -> int:
+    """``seatwatch dlq requeue [ID...]``: put dead letters (all, or these) back on the queue."""
     bad = [i for i in ids if not re.fullmatch(r"\d+-\d+", i)]
     if bad:
         print(f"seatwatch: not dead-letter entry ids: {', '.join(bad)} (see `seatwatch dlq list`)", file=sys.stderr)
@@ -195,6 +201,7 @@ async def dlq_requeue(settings: Settings, ids: Sequence[str]) -> int:
 
 
 async def dlq_purge(settings: Settings) -> int:
+    """``seatwatch dlq purge``: drop every dead letter."""
     async with _parts(settings) as parts:
         count = await parts.queue.purge_dead()
     print(f"purged {count} dead letters")

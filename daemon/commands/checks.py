@@ -12,7 +12,7 @@ from daemon.primitives.clients import REDIS_ERRORS, RedisClients
 from daemon.primitives.scripts import Scripts
 from daemon.secret import redact_url
 from daemon.store.migrations import pending_migrations
-from daemon.store.pool import CONNECTION_ERRORS, connect
+from daemon.store.pool import CONNECTION_ERRORS, connect, server_version
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -21,6 +21,7 @@ Result = tuple[str, bool, str]
 
 
 async def run_checks(settings: Settings) -> list[Result]:
+    """``seatwatch check``: (name, ok, detail) for configuration, Postgres, Redis, scraper and email."""
     results: list[Result] = [
         (
             "configuration",
@@ -47,7 +48,7 @@ async def _postgres(settings: Settings) -> Result:
     except Exception as exc:
         return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
     try:
-        version = await conn.fetchval("SHOW server_version")
+        version = await server_version(conn)
         pending = await pending_migrations(conn)
     finally:
         await conn.close()

@@ -28,6 +28,7 @@ from daemon import logs
 from daemon.commands import embedded
 from daemon.config import Settings
 from daemon.errors import EmbeddedUnavailable
+from daemon.store import seed as seed_rows
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect
 
@@ -136,37 +137,11 @@ async def seed(database_url: str) -> None:
         await migrate(conn)
         async with conn.transaction():
             for user_id, email, enabled in USERS:
-                await conn.execute(
-                    "INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", user_id, email
-                )
-                await conn.execute(
-                    "INSERT INTO user_profiles (user_id, notifications_enabled) VALUES ($1, $2) "
-                    "ON CONFLICT (user_id) DO NOTHING",
-                    user_id,
-                    enabled,
-                )
+                await seed_rows.add_user(conn, user_id, email, notifications_enabled=enabled)
             for class_nbr, (subject, catalog, title, capacity, _, _) in SECTIONS.items():
                 for user_id, _, _ in USERS:
-                    await conn.execute(
-                        "INSERT INTO class_watches (user_id, term, subject, catalog_nbr, class_nbr) "
-                        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                        user_id,
-                        TERM,
-                        subject,
-                        catalog,
-                        class_nbr,
-                    )
-                await conn.execute(
-                    "INSERT INTO class_states (term, subject, catalog_nbr, class_nbr, title, instructor_name, "
-                    "seats_available, seats_capacity, non_reserved_seats) "
-                    "VALUES ($1, $2, $3, $4, $5, 'Staff', 0, $6, 0) ON CONFLICT (class_nbr) DO NOTHING",
-                    TERM,
-                    subject,
-                    catalog,
-                    class_nbr,
-                    title,
-                    capacity,
-                )
+                    await seed_rows.add_watch(conn, user_id, TERM, subject, catalog, class_nbr)
+                await seed_rows.add_full_legacy_state(conn, TERM, subject, catalog, class_nbr, title, capacity)
     finally:
         await conn.close()
 
@@ -177,9 +152,7 @@ async def demo_database(database_url: str) -> str:
     demo_url = urlunsplit((parts.scheme, parts.netloc, "/seatwatch_demo", parts.query, parts.fragment))
     conn = await connect(database_url)
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'seatwatch_demo'")
-        if not exists:
-            await conn.execute("CREATE DATABASE seatwatch_demo")
+        await seed_rows.ensure_database(conn, "seatwatch_demo")
     finally:
         await conn.close()
     return demo_url
@@ -197,6 +170,7 @@ def _port(preferred: int) -> int:
 
 
 def run_demo(*, dir_: str, port: int, duration_s: float | None, env: dict[str, str]) -> int:
+    """``seatwatch demo``: the whole pipeline on this machine, embedded servers and a simulated scraper."""
     folder = Path(dir_).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o755)  # noqa: S103 - pgserver runs postgres as its own user when we are root

@@ -37,6 +37,7 @@ def redis_server_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback TCP port nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -52,9 +53,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """Its ``redis://`` URL."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10) -> RedisServer:
+        """Start it and wait until it answers PING."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
@@ -91,6 +94,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
 
     def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -110,6 +114,7 @@ class PostgresServer:
         self.url = ""
 
     def start(self) -> PostgresServer:
+        """Start it (or join the one already running in ``workdir``)."""
         try:
             with warnings.catch_warnings():
                 # pgserver's dependencies warn about the environment (XDG_RUNTIME_DIR, pkg_resources).
@@ -126,6 +131,7 @@ class PostgresServer:
         return self
 
     def stop(self) -> None:
+        """Stop it."""
         if self._server is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -32,6 +32,8 @@ OutcomeKind = Literal["s", "f", "n"]  # success, failure, neutral (frees a trial
 
 @dataclass(frozen=True)
 class BreakerConfig:
+    """The breaker's thresholds."""
+
     failures: int = 10
     recovery_s: float = 120
     successes: int = 3
@@ -40,6 +42,7 @@ class BreakerConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BreakerConfig:
+        """The thresholds the settings give (trials expire with the visibility timeout)."""
         return cls(
             failures=settings.breaker_failures,
             recovery_s=settings.breaker_recovery_s,
@@ -50,6 +53,7 @@ class BreakerConfig:
         )
 
     def lua(self) -> dict[str, Any]:
+        """As the Lua state machine takes them (milliseconds)."""
         return {
             "failures": self.failures,
             "recovery_ms": int(self.recovery_s * 1000),
@@ -61,6 +65,8 @@ class BreakerConfig:
 
 @dataclass(frozen=True)
 class BreakerState:
+    """The breaker as a script last returned it."""
+
     state: str
     failures: int
     successes: int
@@ -71,6 +77,7 @@ class BreakerState:
 
     @classmethod
     def from_lua(cls, view: dict[str, Any]) -> BreakerState:
+        """From a script's breaker view."""
         return cls(
             state=str(view["state"]),
             failures=int(view["failures"]),
@@ -82,6 +89,7 @@ class BreakerState:
         )
 
     def as_dict(self) -> dict[str, Any]:
+        """Its fields, times as epoch milliseconds (``runtime.report.breaker_view`` shows them)."""
         return {
             "state": self.state,
             "failure_count": self.failures,
@@ -116,6 +124,12 @@ def trial_list(raw: Any) -> list[str]:
 
 
 class CircuitBreaker:
+    """The shared breaker's own calls: ``status`` and ``reset`` (admin), ``allow`` and ``record`` (tests, bench).
+
+    The daemon does not call these: its admission and outcome recording run inside the queue's cycle script
+    (``lua/queue_cycle.lua``, the same state machine from ``lua/breaker_lib.lua``), one call per batch.
+    """
+
     def __init__(self, redis: CountingRedis, keys: Keys, scripts: Scripts, config: BreakerConfig) -> None:
         self.redis = redis
         self.keys = keys
@@ -147,6 +161,7 @@ class CircuitBreaker:
         return BreakerState.from_lua(reply)
 
     async def status(self) -> BreakerState:
+        """The breaker's state now; one script call."""
         reply = await self.scripts.call_json("breaker_status", self._keys, [_json(self.config.lua())], self.redis)
         return BreakerState.from_lua(reply)
 

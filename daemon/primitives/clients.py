@@ -30,10 +30,12 @@ class Usage:
         self.unflushed: collections.Counter[str] = collections.Counter()
 
     def add(self, purpose: str, n: int = 1) -> None:
+        """Count ``n`` commands for ``purpose``."""
         self.total[purpose] += n
         self.unflushed[purpose] += n
 
     def take_unflushed(self) -> dict[str, int]:
+        """The counts not yet flushed, now cleared."""
         taken = dict(self.unflushed)
         self.unflushed.clear()
         return taken
@@ -55,6 +57,7 @@ class CountingRedis(aioredis.Redis):
     purpose: str
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Count the command, send it; a connection failure leaves as ``StoreUnavailable``."""
         name = str(args[0]).upper() if args else ""
         if name not in FREE_COMMANDS:
             self.usage.add(self.purpose)
@@ -64,6 +67,7 @@ class CountingRedis(aioredis.Redis):
             raise StoreUnavailable("redis", f"{exc.__class__.__name__}: {exc}") from exc
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        """Refused: a pipeline would bill every command (a script bills one)."""
         raise NotImplementedError("seatwatch does not use pipelines: use a script (one billed command)")
 
 
@@ -94,6 +98,7 @@ class RedisClients:
         self._clients: dict[tuple[str, bool], CountingRedis] = {}
 
     def client(self, purpose: str, *, blocking: bool = False) -> CountingRedis:
+        """The counting client for ``purpose`` (``blocking``: on the pool of the long stream read)."""
         key = (purpose, blocking)
         if key not in self._clients:
             client = CountingRedis(connection_pool=self.blocking_pool if blocking else self.pool)

@@ -42,6 +42,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class LockStatus:
+    """The cron lock as ``status`` reads it."""
+
     locked: bool
     holder: str | None
     acquired_at_ms: int | None
@@ -51,6 +53,7 @@ class LockStatus:
     last_tick: str
 
     def as_dict(self) -> dict[str, Any]:
+        """Its fields, times as epoch milliseconds (``runtime.report.lock_view`` shows them)."""
         return {
             "locked": self.locked,
             "lock_holder": self.holder,
@@ -62,6 +65,8 @@ class LockStatus:
 
 
 class CronLock:
+    """The cron lock with fencing: at most one tick at a time across daemons, and each cron slot once."""
+
     def __init__(self, redis: CountingRedis, keys: Keys, scripts: Scripts, *, ttl_s: float, holder: str) -> None:
         self.redis = redis
         self.keys = keys
@@ -114,6 +119,7 @@ class CronLock:
                 await self.release(grant)
 
     async def status(self) -> LockStatus:
+        """The lock now, and the last tick's summary; one script call."""
         reply = await self.scripts.call_json(
             "lock_status",
             [self.keys.lock, self.keys.lock_meta, self.keys.lock_fence, self.keys.ticks],

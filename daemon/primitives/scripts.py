@@ -62,6 +62,7 @@ class Scripts:
                 raise RuntimeError(f"script {name}: Redis computed SHA {sha}, expected {script.sha}")
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any], client: CountingRedis) -> Any:
+        """Run script ``name`` (EVALSHA, loading it again on NOSCRIPT)."""
         return await self._scripts[name](keys=list(keys), args=list(args), client=client)
 
     async def call_json(self, name: str, keys: Sequence[str], args: Sequence[Any], client: CountingRedis) -> Any:

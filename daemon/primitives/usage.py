@@ -23,6 +23,7 @@ USAGE_TTL_S: Final = 40 * 86400
 
 
 def utc_day(now: float) -> str:
+    """``YYYY-MM-DD`` in UTC: the day a usage hash counts."""
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
 
 
@@ -53,6 +54,7 @@ class UsageLedger:
         return True
 
     async def today(self) -> dict[str, int]:
+        """Today's flushed counts by purpose, every daemon's."""
         raw: dict[Any, Any] = await self.clients.client("admin").hgetall(self.keys.usage(utc_day(self.now())))
         return {str(k): int(v) for k, v in raw.items()}
 

@@ -21,6 +21,8 @@ BREAKER_STATES = ("CLOSED", "HALF_OPEN", "OPEN")
 
 
 class Metrics:
+    """The Prometheus registry: counters the loops increment, gauges refreshed from the daemon's state."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
@@ -81,6 +83,7 @@ class Metrics:
         ages: Mapping[str, float | None],
         jobs: Mapping[str, int] | None = None,
     ) -> None:
+        """Set the gauges from what the daemon last saw (``runtime.report`` calls this for /metrics)."""
         if queue is not None:
             for state, value in (
                 ("waiting", queue.waiting),
@@ -108,4 +111,5 @@ class Metrics:
                 self.snapshot_age.labels(source).set(age)
 
     def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ from daemon.errors import error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime.report import Probe
 from daemon.store import db
+from daemon.store.pool import ping
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -79,7 +80,7 @@ class Monitor:
         started = time.perf_counter()
         try:
             with anyio.fail_after(3):
-                await pool.fetchval("SELECT 1")
+                await ping(pool)
                 if time.monotonic() >= self._counts_due:
                     self.outbox_counts = await db.outbox_counts(pool)
                     self._counts_due = time.monotonic() + OUTBOX_COUNTS_EVERY_S

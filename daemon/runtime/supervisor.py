@@ -37,7 +37,7 @@ from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
-from daemon.upstream.mailer import Renderer
+from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 from daemon.version import version
 

@@ -41,6 +41,7 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
+        """Whether systemd gave a notify socket."""
         return self.address is not None
 
     def notify(self, *fields: str) -> bool:
@@ -57,18 +58,23 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> None:
+        """READY=1 with the first STATUS= line."""
         self.notify("READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
+        """A new STATUS= line."""
         self.notify(f"STATUS={status}")
 
     def stopping(self, status: str = "draining") -> None:
+        """STOPPING=1: the drain began."""
         self.notify("STOPPING=1", f"STATUS={status}")
 
     def watchdog(self) -> None:
+        """WATCHDOG=1."""
         self.notify("WATCHDOG=1")
 
     def close(self) -> None:
+        """Close the socket."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -87,12 +93,15 @@ class Progress:
         self._deadlines: dict[str, float] = {}
 
     def expect(self, name: str, within_s: float) -> None:
+        """Loop ``name`` promises to come back within ``within_s``."""
         self._deadlines[name] = self.clock() + within_s
 
     def done(self, name: str) -> None:
+        """Loop ``name`` ended; stop watching it."""
         self._deadlines.pop(name, None)
 
     def overdue(self) -> list[str]:
+        """The loops past their promise."""
         now = self.clock()
         return sorted(name for name, deadline in self._deadlines.items() if deadline < now)
 

@@ -14,13 +14,14 @@ from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.primitives.usage import UsageLedger
 from daemon.runtime.metrics import Metrics
-from daemon.upstream.mailer import FileTransport, ResendTransport
+from daemon.upstream.files import FileTransport
+from daemon.upstream.resend import ResendTransport
 
 if TYPE_CHECKING:
     import httpx
 
     from daemon.config import Settings
-    from daemon.upstream.mailer import Transport
+    from daemon.upstream.resend import Transport
 
 
 @dataclass

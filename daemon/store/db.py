@@ -78,6 +78,8 @@ async def watch_courses(conn: asyncpg.Connection, watch_ids: Sequence[str]) -> d
 
 @dataclass(frozen=True)
 class OutboxRow:
+    """One rendered email to insert into ``seatwatch_outbox``."""
+
     watch_id: str
     user_id: str
     notification_type: str

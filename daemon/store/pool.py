@@ -82,3 +82,13 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 
 _DRIVER_CONNECTION_ERRORS: Final = CONNECTION_ERRORS[1:]
+
+
+async def ping(pool: asyncpg.Pool | asyncpg.Connection) -> None:
+    """Liveness: one ``SELECT 1``."""
+    await pool.fetchval("SELECT 1")
+
+
+async def server_version(conn: asyncpg.Connection) -> str:
+    """The server's version string, as ``check`` shows it."""
+    return str(await conn.fetchval("SHOW server_version"))

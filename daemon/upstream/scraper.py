@@ -40,6 +40,8 @@ _NOT_FOUND = re.compile(r"not\s+found", re.IGNORECASE)
 
 
 class Scraper:
+    """The scraper service's client: one POST per section, answers validated into an ``Observation``."""
+
     def __init__(self, client: httpx.AsyncClient, base_url: str, token: str, timeout_s: float = 90) -> None:
         self.client = client
         self.url = scrape_url(base_url)
@@ -50,6 +52,7 @@ class Scraper:
         return f"Scraper(url={self.url!r})"
 
     async def scrape(self, term: str, class_nbr: str) -> Observation:
+        """Scrape one section; a validated ``Observation`` or a ``ScrapeError`` saying what went wrong."""
         body = orjson.dumps({"sectionNumber": class_nbr, "term": term})
         try:
             # httpx's timeout bounds each phase; this bounds the whole call, so a job cannot outlive it.

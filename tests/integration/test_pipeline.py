@@ -17,7 +17,8 @@ from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
 from daemon.runtime.metrics import Metrics
 from daemon.store.pool import create_pool
-from daemon.upstream.mailer import Renderer, ResendTransport, unsubscribe_token
+from daemon.upstream.render import Renderer, unsubscribe_token
+from daemon.upstream.resend import ResendTransport
 from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear

@@ -8,7 +8,6 @@ live in ``test_queue_processes.py``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from daemon.primitives import queue as queue_module
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.queue import Queue
 from tests.support.entries import MALFORMED, fields
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,20 +101,6 @@ async def consuming(*consumers: Consumer, stop_within_s: float = 15) -> AsyncIte
         finally:
             stopping.set()
             tg.cancel_scope.deadline = anyio.current_time() + stop_within_s
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float = 10, what: str = "condition") -> None:
-    """Wait until ``check()`` (sync or async) is truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await anyio.sleep(0.02)
 
 
 class Recorder:

@@ -26,7 +26,7 @@ from daemon.errors import RetryableJobError
 from daemon.jobs import Job
 from daemon.pipeline import Pipeline
 from daemon.runtime.metrics import Metrics
-from daemon.upstream.mailer import Renderer
+from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
 from tests.support.seed import add_user, add_watch, clear

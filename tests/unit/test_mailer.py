@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.detect import INSTRUCTOR_ASSIGNED, SEAT_AVAILABLE, Observation
-from daemon.upstream.mailer import Renderer, escape, to_eml, unsubscribe_token
+from daemon.upstream.files import to_eml
+from daemon.upstream.render import Renderer, escape, unsubscribe_token
 
 SITE = "https://pickmyclass.app"
 KEY = "signing-key-for-tests"
