@@ -2,10 +2,11 @@
 
 Every problem is collected and reported together (``ConfigError.problems``); the CLI turns that into exit
 status 78. No secret value is ever part of a message or a ``repr``: secrets are wrapped in ``Secret``, and
-URLs that may carry a password are shown through ``redact_url``.
+URLs that may carry a password are shown through ``redact_url`` (both in ``daemon.secret``).
+Choices are ``Literal`` types, so a misspelt one is a type error, not a silent branch.
 
 A secret may come from the variable itself, from ``NAME_FILE=/path``, or from a file named ``name`` (lower
-case) in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
+case) or ``seatwatch_name`` in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
 """
 
 from __future__ import annotations
@@ -19,95 +20,28 @@ import zoneinfo
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from croniter import croniter
 
 from daemon.errors import ConfigError
+from daemon.secret import Secret, redact_url, url_passwords
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-EX_CONFIG: Final = 78
 
+EmailTransport = Literal["resend", "file"]
+Stagger = Literal["parity", "none"]  # parity: :00 checks even class numbers, :30 odd
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+Needs = Literal["all", "database", "redis", "stores"]
 
-class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or an f-string."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
-# A URL with its scheme, up to the next blank or quote. Its user info ends at the LAST '@' (a password may
-# hold '/' or '@'; a host holds neither), and its password starts after the first ':' of the user info.
-_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"<>]+)")
-# libpq and redis-py also take the password as a parameter: ``?password=...`` or ``password=...`` (keyword DSN).
-_PASSWORD_PARAM = re.compile(r"(?i)(?P<key>\bpassword=)(?P<pw>[^&\s'\"]+)")
-
-
-def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
-    """(user, password, host and beyond) of what follows ``scheme://``, or None without a password."""
-    at = rest.rfind("@")
-    if at < 0 or ":" not in rest[:at]:
-        return None
-    user, password = rest[:at].split(":", 1)
-    return user, password, rest[at + 1 :]
-
-
-def _redact_one(scheme: str, rest: str) -> str:
-    parts = _split_userinfo(rest)
-    if parts is None:
-        return scheme + rest
-    user, _, host = parts
-    return f"{scheme}{user}:***@{host}"
-
-
-_WHOLE_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>\S*)")
-
-
-def redact_url(text: str) -> str:
-    """``redis://default:hunter2@host`` -> ``redis://default:***@host``, and ``password=x`` -> ``password=***``.
-
-    A whole value (a configured URL) is taken as one URL, whatever its password holds; in free text (a log
-    line, an error) a URL ends at a blank or a quote.
-    """
-    whole = _WHOLE_URL.fullmatch(text)
-    if whole:
-        text = _redact_one(whole["scheme"], whole["rest"])
-    else:
-        text = _URL.sub(lambda m: _redact_one(m["scheme"], m["rest"]), text)
-    return _PASSWORD_PARAM.sub(lambda m: f"{m['key']}***", text)
-
-
-def url_passwords(url: str) -> list[str]:
-    """Every password written into the URL value ``url`` (user info or ``password=``), for the log scrubber."""
-    found = [m["pw"] for m in _PASSWORD_PARAM.finditer(url)]
-    whole = _WHOLE_URL.fullmatch(url)
-    parts = _split_userinfo(whole["rest"]) if whole else None
-    if parts is not None and parts[1]:
-        found.append(parts[1])
-    return found
-
+EMAIL_TRANSPORTS: Final[tuple[EmailTransport, ...]] = ("resend", "file")
+STAGGERS: Final[tuple[Stagger, ...]] = ("parity", "none")
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
 # The sets of variables each command needs; anything else may be absent for that command.
 NEEDS_ALL: Final = "all"
@@ -135,11 +69,11 @@ class Settings:
     from_email: str
     site_url: str
     unsubscribe_key: Secret
-    email_transport: str
+    email_transport: EmailTransport
     outbox_dir: Path | None
     cron: str
     timezone: str
-    stagger: str
+    stagger: Stagger
     concurrency: int
     health_host: str
     health_port: int
@@ -156,10 +90,10 @@ class Settings:
     misfire_grace_s: float
     shutdown_grace_s: float
     redis_budget_per_day: int
-    log_format: str
-    log_level: str
+    log_format: LogFormat
+    log_level: LogLevel
     # Which variables were validated as required (see ``from_env(needs=...)``).
-    needs: str = field(default=NEEDS_ALL)
+    needs: Needs = field(default=NEEDS_ALL)
 
     def __repr__(self) -> str:
         parts = []
@@ -172,6 +106,7 @@ class Settings:
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
+        """The cron's time zone."""
         return zoneinfo.ZoneInfo(self.timezone)
 
     def summary(self) -> dict[str, object]:
@@ -194,7 +129,7 @@ class Settings:
         cls,
         env: Mapping[str, str] | None = None,
         *,
-        needs: str = NEEDS_ALL,
+        needs: Needs = NEEDS_ALL,
         timeout_stop_s: float | None = None,
         hostname: Callable[[], str] = socket.gethostname,
     ) -> Settings:
@@ -206,10 +141,13 @@ class Settings:
         return _Parser(os.environ if env is None else env, needs, hostname).parse(timeout_stop_s)
 
 
+C = TypeVar("C", bound=str)
+
+
 class _Parser:
     """Collects problems while reading variables, so all of them are reported together."""
 
-    def __init__(self, env: Mapping[str, str], needs: str, hostname: Callable[[], str]) -> None:
+    def __init__(self, env: Mapping[str, str], needs: Needs, hostname: Callable[[], str]) -> None:
         self.env = env
         self.needs = needs
         self.hostname = hostname
@@ -244,10 +182,12 @@ class _Parser:
             if file_var:
                 return self._read_secret_file(name, f"{key}_FILE", Path(file_var))
             cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
-            if cred_dir:
-                path = Path(cred_dir) / key.lower()
-                if path.is_file():
-                    return self._read_secret_file(name, f"credential {key.lower()}", path)
+            # `name`, or `seatwatch_name` from the unit's `LoadCredential=seatwatch:/etc/seatwatch/credentials`
+            # (a folder: each file becomes a credential named `seatwatch_<file>`, and a missing one is no error).
+            for credential in (key.lower(), f"seatwatch_{key.lower()}"):
+                path = Path(cred_dir) / credential if cred_dir else None
+                if path is not None and path.is_file():
+                    return self._read_secret_file(name, f"credential {credential}", path)
         return None
 
     def _read_secret_file(self, name: str, label: str, path: Path) -> str | None:
@@ -300,12 +240,13 @@ class _Parser:
                 self.problems.append(f"{name} has an invalid port: {redact_url(value)!r}")
         return value
 
-    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: C, options: tuple[C, ...]) -> C:
         value = (self.raw(name) or default).lower()
-        if value not in options:
-            self.problems.append(f"{name} must be one of {', '.join(options)} (got {value!r})")
-            return default
-        return value
+        for option in options:
+            if value == option:
+                return option
+        self.problems.append(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return default
 
     def integer(self, name: str, default: int, *, low: int = 1, high: int = 10**9) -> int:
         text = self.raw(name)
@@ -338,7 +279,7 @@ class _Parser:
     # -- the whole thing ---------------------------------------------------------------------------
 
     def parse(self, timeout_stop_s: float | None) -> Settings:
-        transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", ("resend", "file"))
+        transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", EMAIL_TRANSPORTS)
         resend = transport == "resend"
         why_resend = " when SEATWATCH_EMAIL_TRANSPORT is resend"
 
@@ -388,7 +329,7 @@ class _Parser:
         if not cron_ok:
             self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
 
-        stagger = self.choice("SEATWATCH_STAGGER", "parity", ("parity", "none"))
+        stagger = self.choice("SEATWATCH_STAGGER", "parity", STAGGERS)
         concurrency = self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
         health_host, health_port = self._listen(self.raw("SEATWATCH_HEALTH_LISTEN") or "127.0.0.1:8080")
         prefix = self.raw("SEATWATCH_REDIS_PREFIX") or "seatwatch"
@@ -411,8 +352,8 @@ class _Parser:
         misfire_grace_s = self.seconds("SEATWATCH_MISFIRE_GRACE_S", 600, low=0)
         shutdown_grace_s = self.seconds("SEATWATCH_SHUTDOWN_GRACE_S", 60, low=0)
         budget = self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9)
-        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", ("text", "json"))
-        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
+        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", LOG_FORMATS)
+        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", LOG_LEVELS)
 
         # Cross-checks: relationships between values that are each fine alone.
         if visibility_timeout_s <= scraper_timeout_s:

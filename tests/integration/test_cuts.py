@@ -21,15 +21,15 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from daemon import db
-from daemon.breaker import BreakerConfig, CircuitBreaker
 from daemon.keys import Keys
-from daemon.mailer import ResendTransport
-from daemon.metrics import Metrics
 from daemon.outbox import OutboxSender
-from daemon.queue import Queue
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import source
+from daemon.runtime.metrics import Metrics
 from daemon.scheduler import slot_id
-from daemon.scripts import source
+from daemon.store.pool import create_pool
+from daemon.upstream.resend import ResendTransport
 from tests.integration.test_daemon import quiet_cron, watched
 from tests.integration.test_resilience import owed_emails
 from tests.support.procs import DaemonProcess, daemon_env
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 pytestmark = pytest.mark.slow
 
@@ -275,7 +275,7 @@ async def test_a_batch_cut_off_before_it_is_marked_is_resent_at_once_not_after_i
     proxy, via = postgres_proxy(database_url)
     try:
         cut = proxy.arm(Cut(b"SET status = 'sent', sent_at", mode="request"))
-        sender_pool = await db.create_pool(via + "?statement_cache_size=0", min_size=1, max_size=2)
+        sender_pool = await create_pool(via + "?statement_cache_size=0", min_size=1, max_size=2)
         try:
             async with httpx.AsyncClient() as http:
                 sender = OutboxSender(

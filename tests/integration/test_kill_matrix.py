@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from daemon.queue import Queue
+from daemon.primitives.queue import Queue
 from tests.integration.test_daemon import quiet_cron
 from tests.support.procs import DaemonProcess, daemon_env
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 pytestmark = pytest.mark.slow
 

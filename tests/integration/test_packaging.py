@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.db import migrations
-from daemon.scripts import SCRIPTS, source
+from daemon.errors import Exit
+from daemon.primitives.scripts import SCRIPTS, source
+from daemon.store.migrations import migrations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +28,10 @@ def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("seatwatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    lua = {p.name for p in (ROOT / "daemon" / "lua").glob("*.lua")}
-    assert {f"daemon/lua/{name}" for name in lua} <= names
-    assert {f"daemon/lua/{name}.lua" for name in SCRIPTS} <= names
-    assert {f"daemon/sql/{m.name}.sql" for m in migrations()} <= names
+    lua = {p.name for p in (ROOT / "daemon" / "primitives" / "lua").glob("*.lua")}
+    assert {f"daemon/primitives/lua/{name}" for name in lua} <= names
+    assert {f"daemon/primitives/lua/{name}.lua" for name in SCRIPTS} <= names
+    assert {f"daemon/store/sql/{m.name}.sql" for m in migrations()} <= names
     assert "daemon/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "seatwatch = daemon.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -38,7 +39,7 @@ def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
 
 def test_every_script_resolves_its_includes() -> None:
     """Each script's includes name library files that exist, and the loaded source starts with their text."""
-    folder = ROOT / "daemon" / "lua"
+    folder = ROOT / "daemon" / "primitives" / "lua"
     for name in SCRIPTS:
         text = (folder / f"{name}.lua").read_text()
         includes = re.findall(r"^-- include: (\w+)$", text, re.MULTILINE)
@@ -47,25 +48,31 @@ def test_every_script_resolves_its_includes() -> None:
 
 
 def test_unit_file_matches_the_daemon() -> None:
-    """Type=notify with a watchdog, stop timeout above the default drain grace, no restart loop on exit 78."""
+    """Type=notify with a watchdog, stop timeout above the default drain grace, migrations inside `run` (no
+    ExecStartPre), no restart on 78 or on unloadable credentials, the credential folder, log rate limits."""
+    text = (ROOT / "seatwatch.service").read_text()
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((ROOT / "seatwatch.service").read_text())
+    unit.read_string(text)
     service = unit["Service"]
     assert service["Type"] == "notify"
-    assert service["ExecStart"].endswith("seatwatch run")
-    assert service["ExecStartPre"].endswith("seatwatch migrate")
+    assert service["ExecStart"] == "/opt/seatwatch/current/venv/bin/seatwatch run"
+    assert "ExecStartPre" not in service
     assert int(service["TimeoutStopSec"]) > 60  # SEATWATCH_SHUTDOWN_GRACE_S default
     assert int(service["WatchdogSec"]) > 0
-    assert service["RestartPreventExitStatus"] == "78"
-    credentials = (ROOT / "seatwatch.service").read_text()
-    for name in ("database_url", "redis_url", "scraper_secret_token", "resend_api_key", "supabase_service_role_key"):
-        assert f"LoadCredential={name}:" in credentials
+    assert set(service["RestartPreventExitStatus"].split()) == {str(int(Exit.CONFIG)), "243"}
+    assert service["LoadCredential"] == "seatwatch:/etc/seatwatch/credentials"
+    assert text.count("LoadCredential=") == 1
+    assert service["EnvironmentFile"] == "/etc/seatwatch/seatwatch.env"
+    assert service["LogRateLimitIntervalSec"] == "30s"
+    assert int(service["LogRateLimitBurst"]) > 0
+    assert "\nMemoryDenyWriteExecute=" not in text
 
 
 def test_caddy_publishes_only_health() -> None:
-    """The Caddyfile proxies the health paths to the default listener and nothing else."""
+    """The Caddyfile proxies the health paths to the daemon's listener and nothing else; its site is a placeholder."""
     text = (ROOT / "Caddyfile").read_text()
     assert "@health path /api/monitoring/health /health" in text
-    assert "reverse_proxy 127.0.0.1:8080" in text
+    assert "reverse_proxy {$SEATWATCH_UPSTREAM:127.0.0.1:8080}" in text
+    assert "{$SEATWATCH_SITE:" in text
     assert "/metrics" not in text.split("@health", 1)[1].split("handle {", 1)[0]

@@ -15,16 +15,19 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from daemon import db
 from daemon.detect import Observation
-from daemon.mailer import ResendTransport
-from daemon.metrics import Metrics
 from daemon.outbox import OutboxSender
-from tests.integration.test_daemon import _true, eventually, quiet_cron, watched
+from daemon.runtime.metrics import Metrics
+from daemon.store import db
+from daemon.store.migrations import migrate, migrations
+from daemon.store.pool import connect, create_pool
+from daemon.upstream.resend import ResendTransport
+from tests.integration.test_daemon import _true, quiet_cron, watched
 from tests.support.procs import DaemonProcess, NotifySocket, daemon_env, run_cli
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.shapes import PgBouncer
 from tests.support.stubs import RESEND_KEY, ResendStub, ScraperStub
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -40,7 +43,7 @@ TERM = "2261"
 @pytest.fixture
 async def bounced(pgbouncer: PgBouncer, database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on this module's database through the transaction-mode pooler, statement cache off by the DSN."""
-    created = await db.create_pool(pgbouncer.url_for(database_url), min_size=1, max_size=8)
+    created = await create_pool(pgbouncer.url_for(database_url), min_size=1, max_size=8)
     try:
         yield created
     finally:
@@ -52,7 +55,7 @@ async def test_the_pooler_is_really_in_transaction_mode(servers: TestServers, da
     bouncer = PgBouncer(servers.database_url, pool_size=2).start()
     try:
         url = bouncer.url_for(database_url)
-        a, b = await db.connect(url), await db.connect(url)
+        a, b = await connect(url), await connect(url)
         try:
             first = await a.fetchval("SELECT pg_backend_pid()")
             async with b.transaction():  # takes the only idle server connection, the one ``a`` just used
@@ -90,18 +93,18 @@ async def test_concurrent_migrations_through_the_pooler_apply_once(
     url = pgbouncer.url_for(empty_database_url)
 
     async def one() -> list[str]:
-        conn = await db.connect(url)
+        conn = await connect(url)
         try:
-            return await db.migrate(conn)
+            return await migrate(conn)
         finally:
             await conn.close()
 
     results = sorted(await asyncio.gather(one(), one(), one()), key=len)
     assert results[0] == results[1] == []
-    assert results[2] == [m.name for m in db.migrations()]
-    conn = await db.connect(url)
+    assert results[2] == [m.name for m in migrations()]
+    conn = await connect(url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM seatwatch_migrations") == len(db.migrations())
+        assert await conn.fetchval("SELECT count(*) FROM seatwatch_migrations") == len(migrations())
     finally:
         await conn.close()
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from daemon.keys import Keys
-from daemon.lock import CronLock
-from daemon.queue import Queue
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import Scripts
 from tests.integration.test_daemon import quiet_cron, watched
 from tests.support.procs import DaemonProcess, daemon_env, run_cli
 from tests.support.seed import clear

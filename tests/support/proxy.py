@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float = 15) -> None:

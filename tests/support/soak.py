@@ -29,8 +29,9 @@ import orjson
 import psutil
 import redis
 
-from daemon import db
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect
 from tests.support.procs import DaemonProcess, daemon_env
 from tests.support.shapes import OwnPostgres, PgBouncer, RedisProc
 from tests.support.stubs import Reply, ResendStub, ScraperStub, section_data
@@ -283,9 +284,9 @@ class Soak:
         await admin.execute("CREATE DATABASE soak")
         await admin.close()
         self.database_url = self.postgres.url.rsplit("/", 1)[0] + "/soak"
-        conn = await db.connect(self.database_url)
+        conn = await connect(self.database_url)
         try:
-            await db.migrate(conn)
+            await migrate(conn)
             users, watches, profiles = [], [], []
             for i, class_nbr in enumerate(self.class_nbrs):
                 watchers = [f"u{class_nbr}@example.edu"]

@@ -16,12 +16,12 @@ from daemon.config import (
     NEEDS_REDIS,
     NEEDS_STORES,
     Settings,
-    redact_url,
     scrape_url,
     secret_values,
     shortest_cron_gap_s,
 )
 from daemon.errors import ConfigError
+from daemon.secret import redact_url
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -297,6 +297,15 @@ def test_secret_from_credentials_directory(tmp_path: Path) -> None:
     s = parse(full_env(RESEND_API_KEY="", DATABASE_URL="", CREDENTIALS_DIRECTORY=str(tmp_path)))
     assert s.resend_api_key.reveal() == "re_from_credential"
     assert s.database_url.reveal() == "postgresql://app:credpw@db.example.com/postgres"
+
+
+def test_secret_from_the_units_credential_folder(tmp_path: Path) -> None:
+    """LoadCredential=seatwatch:/etc/seatwatch/credentials hands each file over as seatwatch_<name>."""
+    (tmp_path / "seatwatch_database_url").write_text("postgresql://app:folderpw@db.example.com/postgres\n")
+    (tmp_path / "seatwatch_scraper_secret_token").write_text("tok-from-folder")
+    s = parse(full_env(DATABASE_URL="", SCRAPER_SECRET_TOKEN="", CREDENTIALS_DIRECTORY=str(tmp_path)))
+    assert s.database_url.reveal() == "postgresql://app:folderpw@db.example.com/postgres"
+    assert s.scraper_token.reveal() == "tok-from-folder"
 
 
 def test_alias_secret_from_credentials_directory(tmp_path: Path) -> None:
@@ -713,7 +722,7 @@ def test_secret_values_skip_empty_and_short() -> None:
 )
 def test_passwords_with_slashes_ats_and_quotes_are_redacted(url: str, password: str) -> None:
     """A password holding '/', '@' or a quote is redacted whole and handed to the log scrubber."""
-    from daemon.config import url_passwords
+    from daemon.secret import url_passwords
 
     assert password not in redact_url(url)
     assert url_passwords(url) == [password]
