@@ -6,7 +6,7 @@ URLs that may carry a password are shown through ``redact_url`` (both in ``daemo
 Choices are ``Literal`` types, so a misspelt one is a type error, not a silent branch.
 
 A secret may come from the variable itself, from ``NAME_FILE=/path``, or from a file named ``name`` (lower
-case) in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
+case) or ``seatwatch_name`` in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
 """
 
 from __future__ import annotations
@@ -182,10 +182,12 @@ class _Parser:
             if file_var:
                 return self._read_secret_file(name, f"{key}_FILE", Path(file_var))
             cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
-            if cred_dir:
-                path = Path(cred_dir) / key.lower()
-                if path.is_file():
-                    return self._read_secret_file(name, f"credential {key.lower()}", path)
+            # `name`, or `seatwatch_name` from the unit's `LoadCredential=seatwatch:/etc/seatwatch/credentials`
+            # (a folder: each file becomes a credential named `seatwatch_<file>`, and a missing one is no error).
+            for credential in (key.lower(), f"seatwatch_{key.lower()}"):
+                path = Path(cred_dir) / credential if cred_dir else None
+                if path is not None and path.is_file():
+                    return self._read_secret_file(name, f"credential {credential}", path)
         return None
 
     def _read_secret_file(self, name: str, label: str, path: Path) -> str | None:

@@ -297,6 +297,15 @@ def test_secret_from_credentials_directory(tmp_path: Path) -> None:
     assert s.database_url.reveal() == "postgresql://app:credpw@db.example.com/postgres"
 
 
+def test_secret_from_the_units_credential_folder(tmp_path: Path) -> None:
+    """LoadCredential=seatwatch:/etc/seatwatch/credentials hands each file over as seatwatch_<name>."""
+    (tmp_path / "seatwatch_database_url").write_text("postgresql://app:folderpw@db.example.com/postgres\n")
+    (tmp_path / "seatwatch_scraper_secret_token").write_text("tok-from-folder")
+    s = parse(full_env(DATABASE_URL="", SCRAPER_SECRET_TOKEN="", CREDENTIALS_DIRECTORY=str(tmp_path)))
+    assert s.database_url.reveal() == "postgresql://app:folderpw@db.example.com/postgres"
+    assert s.scraper_token.reveal() == "tok-from-folder"
+
+
 def test_alias_secret_from_credentials_directory(tmp_path: Path) -> None:
     """The UNSUBSCRIBE_SIGNING_SECRET alias is found as a credential file too."""
     (tmp_path / "unsubscribe_signing_secret").write_text("signing-from-cred")
