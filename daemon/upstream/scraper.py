@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
 import orjson
 
-from daemon.config import scrape_url
 from daemon.detect import Drift, Observation
 from daemon.errors import (
     InvalidScrape,
@@ -270,3 +270,10 @@ def _scalar_text(item: Any) -> str:
 def _clean(text: str) -> str:
     """Printable, storable text: no control characters (Postgres refuses NUL), no lone surrogates."""
     return _CONTROL.sub("", _BREAKS.sub(" ", _SURROGATE.sub("\ufffd", text))).strip()
+
+
+def scrape_url(base: str) -> str:
+    """``{SCRAPER_URL}/scrape`` joined without a double slash (production had a trailing slash)."""
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/") + "/scrape"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
