@@ -11,20 +11,19 @@ case) or ``seatwatch_name`` in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredent
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
 import socket
 import zoneinfo
 from dataclasses import dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from croniter import croniter
 
+from daemon.cron import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import Secret, redact_url, url_passwords
 
@@ -433,13 +432,6 @@ class _Parser:
         return host, port
 
 
-def shortest_cron_gap_s(cron: str, tz: zoneinfo.ZoneInfo, *, samples: int = 100) -> float:
-    """The shortest gap, in seconds, among the next ``samples`` fire times of ``cron`` in ``tz``."""
-    it = croniter(cron, datetime.now(tz))
-    times = [it.get_next(float) for _ in range(samples + 1)]
-    return float(min(b - a for a, b in itertools.pairwise(times)))
-
-
 def secret_values(settings: Settings) -> list[str]:
     """Every secret string in ``settings``, for the log redaction filter (defence in depth)."""
     found: list[str] = []
@@ -451,10 +443,3 @@ def secret_values(settings: Settings) -> list[str]:
     for url in (settings.database_url.reveal(), settings.redis_url.reveal()):
         found += url_passwords(url)
     return [s for s in found if len(s) >= 4]
-
-
-def scrape_url(base: str) -> str:
-    """``{SCRAPER_URL}/scrape`` joined without a double slash (production had a trailing slash)."""
-    parts = urlsplit(base)
-    path = parts.path.rstrip("/") + "/scrape"
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

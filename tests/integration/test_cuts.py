@@ -21,13 +21,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from daemon.cron import slot_id
 from daemon.keys import Keys
 from daemon.outbox import OutboxSender
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import source
 from daemon.runtime.metrics import Metrics
-from daemon.scheduler import slot_id
 from daemon.store.pool import create_pool
 from daemon.upstream.resend import ResendTransport
 from tests.integration.test_daemon import quiet_cron, watched

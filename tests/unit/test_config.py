@@ -16,12 +16,12 @@ from daemon.config import (
     NEEDS_REDIS,
     NEEDS_STORES,
     Settings,
-    scrape_url,
     secret_values,
-    shortest_cron_gap_s,
 )
+from daemon.cron import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import redact_url
+from daemon.upstream.scraper import scrape_url
 
 if TYPE_CHECKING:
     from pathlib import Path
