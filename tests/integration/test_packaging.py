@@ -49,7 +49,8 @@ def test_every_script_resolves_its_includes() -> None:
 
 def test_unit_file_matches_the_daemon() -> None:
     """Type=notify with a watchdog, stop timeout above the default drain grace, migrations inside `run` (no
-    ExecStartPre), no restart on 78 or on unloadable credentials, the credential folder, log rate limits."""
+    ExecStartPre), no restart on 78 or on unloadable credentials, the credential folder, log rate limits,
+    glibc's fixed mmap threshold."""
     text = (ROOT / "seatwatch.service").read_text()
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -67,6 +68,7 @@ def test_unit_file_matches_the_daemon() -> None:
     assert service["LogRateLimitIntervalSec"] == "30s"
     assert int(service["LogRateLimitBurst"]) > 0
     assert "\nMemoryDenyWriteExecute=" not in text
+    assert service["Environment"] == "MALLOC_MMAP_THRESHOLD_=131072"  # RSS flat under load: bench/RESULTS.md
 
 
 def test_caddy_publishes_only_health() -> None:
