@@ -92,7 +92,7 @@ def main() -> int:
     )
     report: Any = soak.run()
     checks = sum(sum(c.get("seatwatch_sections_checked_total", {}).values()) for c in soak.counters.values())
-    print(f"ledger ok: {report.ok}; sections checked: {checks:.0f}; probe files: {probe_dir}")
+    print(f"ledger ok: {report.ok} {report.ledger}; sections checked: {checks:.0f}; probe files: {probe_dir}")
     show(probe_dir, extra)
     return 0
 
