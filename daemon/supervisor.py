@@ -25,6 +25,8 @@ import redis.exceptions
 
 from daemon import db
 from daemon.breaker import BreakerConfig, CircuitBreaker
+from daemon.dispatcher import CronWatch, Dispatcher, make_limit
+from daemon.gate import Gate, MeteredScraper
 from daemon.health import HealthReport, HealthServer, Probe, iso, overall
 from daemon.keys import Keys
 from daemon.lock import CronLock
@@ -136,6 +138,8 @@ class Daemon:
         self.consumer: Consumer | None = None
         self.scheduler: Scheduler | None = None
         self.outbox: OutboxSender | None = None
+        self.dispatcher: Dispatcher | None = None  # SEATWATCH_SCHEDULE=adaptive
+        self.cron_watch: CronWatch | None = None
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
         self._status_line = ""
@@ -249,7 +253,12 @@ class Daemon:
         )
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
-        pipeline = Pipeline(pool, scraper, renderer, parts.metrics, on_emails=self.outbox.wake)
+        limit = make_limit(settings)
+        gate = Gate(limit)
+        adaptive = settings.schedule == "adaptive"
+        # Adaptive checking holds the gate itself; the queue consumers wait for it inside the scraper call.
+        metered = MeteredScraper(scraper, limit, None if adaptive else gate)
+        pipeline = Pipeline(pool, metered, renderer, parts.metrics, on_emails=self.outbox.wake)
         self.consumer = Consumer(
             parts.queue,
             pipeline,
@@ -270,6 +279,20 @@ class Daemon:
             metrics=parts.metrics,
             progress=self.progress,
         )
+        if adaptive:
+            self.dispatcher = Dispatcher(
+                settings=settings,
+                clients=parts.clients,
+                keys=parts.keys,
+                scripts=parts.scripts,
+                breaker=BreakerConfig.from_settings(settings),
+                pool=pool,
+                pipeline=pipeline,
+                gate=gate,
+                progress=self.progress,
+            )
+        else:
+            self.cron_watch = CronWatch(self.scheduler)
         await self._probe(pool)
         logger.info("configuration: %s", settings.summary())
         self.notifier.ready(self._status())
@@ -288,7 +311,10 @@ class Daemon:
                 self._work_scope.deadline = anyio.current_time() + settings.shutdown_grace_s
             async with anyio.create_task_group() as work:
                 work.start_soon(self._essential, "consumer", self.consumer.run)
-                work.start_soon(self._essential, "scheduler", self.scheduler.run)
+                if self.dispatcher is not None:
+                    work.start_soon(self._essential, "dispatcher", self.dispatcher.run)
+                else:
+                    work.start_soon(self._essential, "scheduler", self.scheduler.run)
                 work.start_soon(self._essential, "outbox", self.outbox.run)
                 work.start_soon(self._essential, "monitor", lambda stopping: self._monitor(pool, stopping))
                 work.start_soon(self._essential, "usage", self._flush_usage)
@@ -452,6 +478,7 @@ class Daemon:
             "configured": configured,
             "transport": self.settings.email_transport,
         }
+        checks["schedule"] = self._schedule_check()
         checks["configuration"] = {
             "status": "healthy",
             "consumer": self.settings.consumer,
@@ -468,6 +495,13 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started_at),
             },
         )
+
+    def _schedule_check(self) -> dict[str, Any]:
+        if self.dispatcher is not None:
+            return self.dispatcher.check()
+        if self.cron_watch is not None:
+            return self.cron_watch.check()
+        return {"status": "healthy", "mode": self.settings.schedule}
 
     def _lock_check(self) -> dict[str, Any]:
         held = self.scheduler.holding if self.scheduler else None
@@ -508,6 +542,7 @@ class Daemon:
             breaker=state.breaker if state else None,
             outbox=self.outbox_counts,
             redis_commands=dict(self.parts.clients.usage.total),
+            schedule=self._schedule_check(),
             jobs={
                 "completed": state.completed,
                 "retried": state.retried,
