@@ -13,6 +13,7 @@ import orjson
 import redis.exceptions
 
 from daemon import db
+from daemon.dispatcher import schedule_status
 from daemon.health import iso
 from daemon.lock import LockBusy
 from daemon.scheduler import enqueue_under, group_for, next_slot
@@ -82,15 +83,18 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         lock = await parts.lock.status()
         queue = await parts.queue.stats()
         today = await parts.ledger.today()
-    outbox: dict[str, Any]
-    try:
-        conn = await db.connect(settings.database_url.reveal())
+        outbox: dict[str, Any]
+        schedule: dict[str, Any]
         try:
-            outbox = await db.outbox_counts(conn)
-        finally:
-            await conn.close()
-    except (*db.CONNECTION_ERRORS, OSError) as exc:
-        outbox = {"pending": None, "failed": None, "error": exc.__class__.__name__}
+            conn = await db.connect(settings.database_url.reveal())
+            try:
+                outbox = await db.outbox_counts(conn)
+                schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, conn)
+            finally:
+                await conn.close()
+        except (*db.CONNECTION_ERRORS, OSError) as exc:
+            outbox = {"pending": None, "failed": None, "error": exc.__class__.__name__}
+            schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, None)
     now = time.time()
     last = orjson.loads(lock.last_tick) if lock.last_tick else None
     lock_view = lock.as_dict()
@@ -108,6 +112,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             "timezone": settings.timezone,
         },
         "redis_commands": projection(today, now, settings.redis_budget_per_day),
+        "schedule": schedule,
         "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
     }
 
@@ -136,12 +141,30 @@ async def status(settings: Settings, *, as_json: bool) -> int:
     )
     last = t["last"]
     print(f"ticks     last={last['slot'] + ' +' + str(last['enqueued']) if last else 'none'}  next={t['next']}")
+    print(_schedule_line(report["schedule"]))
     by = ", ".join(f"{k}={v}" for k, v in r["by_purpose"].items()) or "none yet"
     print(
         f"redis     today={r['today']} ({by}); projected {r['projected_day']}/day, {r['projected_month']}/month "
         f"against a budget of {r['budget_per_day']}/day"
     )
     return EX_OK
+
+
+def _schedule_line(s: dict[str, Any]) -> str:
+    line = f"schedule  {s['mode']}"
+    if "coverage" in s:
+        line += (
+            f"  coverage={s['coverage']:.1%} behind={s['behind']} interval p50={s['interval_p50_s']}s "
+            f"p95={s['interval_p95_s']}s binding={s['binding']} scrapes last hour={s['scrapes_last_hour']}"
+        )
+    p = s.get("projection")
+    if p:
+        reach = f"{p['reachable_interval_s']:.0f}s" if p["reachable_interval_s"] is not None else "never"
+        line += (
+            f"\n          adaptive can reach: {p['watched']} watched ({p['hot']} with someone waiting) checked "
+            f"every {reach}; {p['binding']} binds" + (f" ({p['lift']} to go faster)" if p["lift"] else "")
+        )
+    return line
 
 
 async def breaker_reset(settings: Settings) -> int:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from daemon.scheduler import Scheduler
     from daemon.scripts import Scripts
     from daemon.systemd import Progress
-    from daemon.usage import RedisClients
+    from daemon.usage import CountingRedis, RedisClients
 
 logger = logging.getLogger(__name__)
 
@@ -550,3 +550,58 @@ class CronWatch:
             "binding": planner.CAPACITY if behind else None,
             "lift": planner.LIFT[planner.CAPACITY] if behind else None,
         }
+
+
+# -- seatwatch status ----------------------------------------------------------------------------------------
+
+
+async def schedule_status(
+    settings: Settings, redis: CountingRedis, keys: Keys, conn: asyncpg.Connection | None
+) -> dict[str, Any]:
+    """``status``'s ``schedule``: the adaptive figures the daemons last wrote (one command), and what adaptive
+    checking can reach for the sections watched now within the configured budgets, and which budget binds."""
+    report: dict[str, Any] = {}
+    if settings.schedule == "adaptive":
+        raw = await redis.hget(AdaptiveKeys(keys).report, "json")
+        report = orjson.loads(raw) if raw else {}
+    watched = hot = None
+    if conn is not None:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS watched, count(*) FILTER (WHERE waiting > 0) AS hot FROM seatwatch_adaptive_sections()"
+        )
+        if row is not None:
+            watched, hot = int(row["watched"]), int(row["hot"])
+    per_check = float(report.get("redis_commands_per_check") or DEFAULT_COMMANDS_PER_CHECK)
+    capacity_h = report.get("capacity_per_hour")
+    floor = IDLE_FLOOR_PER_DAY * int(report.get("daemons") or 1) + 86400 / FIGURES_EVERY_S
+    budgets = planner.Budgets(
+        scrapes_per_s=settings.scrapes_per_hour / 3600,
+        redis_per_s=planner.redis_checks_per_s(settings.redis_budget_per_day, floor, per_check),
+        capacity_per_s=float(capacity_h) / 3600 if capacity_h else None,
+    )
+    out: dict[str, Any] = {"mode": settings.schedule}
+    if report:
+        watched_now = int(report.get("watched", 0))
+        covered = int(report.get("covered", 0))
+        out.update(
+            {
+                "watched": watched_now,
+                "coverage": round(covered / watched_now, 4) if watched_now else 1.0,
+                "behind": max(0, watched_now - covered),
+                "interval_p50_s": report.get("interval_p50_s"),
+                "interval_p95_s": report.get("interval_p95_s"),
+                "binding": report.get("binding"),
+                "scrapes_last_hour": report.get("scrapes_last_hour"),
+                "daemons": report.get("daemons"),
+                "as_of": report.get("now_ms"),
+            }
+        )
+    if watched is not None:
+        out["projection"] = planner.project(
+            watched,
+            budgets,
+            min_s=settings.min_check_interval_s,
+            max_s=settings.max_check_interval_s,
+            hot=hot,
+        )
+    return out

@@ -7,26 +7,32 @@ import itertools
 import logging
 import statistics
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import httpx
+import orjson
 import pytest
 
 from daemon.breaker import BreakerConfig
 from daemon.config import Settings
-from daemon.dispatcher import AdaptiveKeys, Dispatcher, make_limit
+from daemon.dispatcher import AdaptiveKeys, CronWatch, Dispatcher, make_limit
 from daemon.gate import Gate, MeteredScraper
 from daemon.keys import Keys
 from daemon.limiter import AdaptiveLimit
+from daemon.lock import CronLock
 from daemon.mailer import Renderer
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
+from daemon.queue import Queue
+from daemon.scheduler import Scheduler
 from daemon.scraper import Scraper
 from daemon.scripts import Scripts
 from daemon.usage import RedisClients
 from tests.support.capacity import CapacityScraper
-from tests.support.procs import SIGNING_KEY, daemon_env
+from tests.support.procs import SIGNING_KEY, DaemonProcess, daemon_env, run_cli
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import SCRAPER_TOKEN
 
@@ -271,3 +277,102 @@ async def test_auto_concurrency_fills_the_scraper_without_queueing_in_it(world: 
     assert isinstance(d.gate.limit, AdaptiveLimit)
     assert 2 <= d.gate.limit.limit <= 7
     assert d.check()["binding"] == "scraper_capacity"
+
+
+async def test_status_shows_the_schedule_and_what_the_budgets_can_reach(world: World) -> None:
+    """`seatwatch status` shows the adaptive figures the daemon wrote and projects, for the sections watched
+    now and the configured budgets, the interval adaptive checking reaches and which budget binds."""
+    world.serve()
+    await world.watch(3)
+    await world.watch(2, hot=False, start=20000)
+    d = await world.dispatcher()  # production intervals and the free tier's Redis day
+    await d.plan_once()
+    assert world.scraper is not None
+    env = daemon_env(
+        redis_url=world.redis_url,
+        database_url=world.database_url,
+        prefix=world.prefix,
+        scraper_url=world.scraper.url,
+        SEATWATCH_SCHEDULE="adaptive",
+    )
+    result = run_cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    schedule = orjson.loads(result.stdout)["schedule"]
+    assert schedule["mode"] == "adaptive"
+    assert schedule["watched"] == 5
+    assert schedule["binding"] == "min_interval"
+    projection = schedule["projection"]
+    assert (projection["watched"], projection["hot"]) == (5, 3)
+    assert projection["reachable_interval_s"] == 120
+    assert projection["within_promise"] is True
+    text = run_cli("status", env=env).stdout
+    assert "schedule  adaptive  coverage=" in text
+    assert "adaptive can reach: 5 watched (3 with someone waiting) checked every 120s" in text
+
+
+async def test_cron_mode_reports_a_tick_that_finds_its_group_still_queued(
+    world: World, redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """Cron mode: when a tick finds sections of its group still queued from that group's previous tick, the
+    schedule check is degraded (behind, coverage, binding) and a warning says what would lift it."""
+    await world.watch(4)
+    clients = redis_clients
+    queue = Queue(clients.client("queue"), clients.client("queue", blocking=True), keys, scripts, consumer="c")
+    lock = CronLock(redis_clients.client("lock"), keys, scripts, ttl_s=50, holder="me")
+    scheduler = Scheduler(
+        cron="0,30 * * * *",
+        tz=ZoneInfo("UTC"),
+        stagger="parity",
+        grace_s=3600,
+        lock=lock,
+        queue=queue,
+        pool=world.pool,
+        metrics=Metrics(),
+    )
+    watch = CronWatch(scheduler)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    await scheduler.run_slot(hour - timedelta(hours=1), anyio.Event())  # even group; nobody consumes
+    assert watch.check()["status"] == "healthy"
+    await scheduler.run_slot(hour, anyio.Event())  # even again: both even sections still queued
+    check = watch.check()
+    assert check["status"] == "degraded"
+    assert (check["mode"], check["behind"], check["watched"], check["coverage"]) == ("cron", 2, 2, 0.0)
+    assert check["binding"] == "scraper_capacity"
+    assert "SEATWATCH_CONCURRENCY" in check["lift"]
+
+
+async def test_the_daemon_runs_adaptive_checking_and_reports_its_schedule(world: World) -> None:
+    """`seatwatch run` with SEATWATCH_SCHEDULE=adaptive and auto concurrency checks watched sections without
+    cron ticks, and health carries the schedule check with its figures."""
+    scraper = world.serve(slots=2, service_s=0.02)
+    await world.watch(4)
+    env = daemon_env(
+        redis_url=world.redis_url,
+        database_url=world.database_url,
+        prefix=world.prefix,
+        scraper_url=scraper.url,
+        SEATWATCH_SCHEDULE="adaptive",
+        SEATWATCH_CONCURRENCY="auto",
+        SEATWATCH_CRON="0 0 1 1 *",
+        **FAST,
+    )
+    proc = DaemonProcess(env).start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(scraper.snapshot()) < 8:
+            await anyio.sleep(0.1)
+        assert len(scraper.snapshot()) >= 8, proc.logs()
+        _, body = proc.health()
+        schedule = body["checks"]["schedule"]
+        assert schedule["mode"] == "adaptive"
+        assert schedule["watched"] == 4
+        assert schedule["concurrency"]["mode"] == "auto"
+        metrics = httpx.get(proc.health_url.replace("/api/monitoring/health", "/metrics")).text
+        assert 'seatwatch_schedule{figure="coverage"}' in metrics
+        # Four sections at a one-second minimum want 4 checks/s; the default 3,600 scrapes/h allow one.
+        assert 'seatwatch_schedule_binding{budget="scrapes_per_hour"} 1.0' in metrics
+    finally:
+        assert proc.stop() == 0
+    gap = scraper.min_gap_s()
+    assert gap is not None
+    assert gap >= 1.0
