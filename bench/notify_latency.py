@@ -37,10 +37,12 @@ sys.path[0] = str(ROOT)
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import random
 import re
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -53,7 +55,6 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.idle import Monitor, billable
 from daemon import db
 from daemon.embedded import RedisServer, free_port
 from tests.support.capacity import CapacityScraper
@@ -63,6 +64,51 @@ ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.
 TERM = "2261"
 OPEN_FOR_S = 75 * 60
 SUBJECT_NBR = re.compile(r"\((\d+)\)")
+
+
+MONITOR_LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<cmd>[^"]+)"')
+FREE = {"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"}
+
+
+class Monitor:
+    """MONITOR on its own connection; top-level commands only (not those run inside scripts)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.lines: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        buffer = b""
+        self.sock.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\r\n")
+            for raw in complete:
+                match = MONITOR_LINE.match(raw.decode(errors="replace").lstrip("+"))
+                if match and match["client"] != "lua":
+                    self.lines.append((time.time(), match["cmd"].upper()))
+
+    def commands(self, since: float, until: float) -> collections.Counter[str]:
+        return collections.Counter(cmd for at, cmd in self.lines if since <= at < until)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def billable(counter: collections.Counter[str]) -> int:
+    return sum(n for cmd, n in counter.items() if cmd not in FREE)
 
 
 class TimedResend(ResendStub):
@@ -253,11 +299,11 @@ class Phase:
         for nbr, open_s in self.opens.items():
             if open_s + OPEN_FOR_S > end:
                 continue  # still open when the run ended
-            at = first_email.get(nbr)
-            if at is None or self.bench_s(at) < open_s:
+            emailed = first_email.get(nbr)
+            if emailed is None or self.bench_s(emailed) < open_s:
                 missed += 1
             else:
-                latencies.append(self.bench_s(at) - open_s)
+                latencies.append(self.bench_s(emailed) - open_s)
         served = [s for s in self.scraper.snapshot() if s.arrived >= self.t0]
         waits = [s.waited_s * a.compress for s in served]
         window_wall = 60 / a.compress
@@ -413,7 +459,7 @@ def main() -> None:
         if "adaptive" not in skip:
             results["adaptive (auto)"] = run_adaptive(a, redis, work, daemons=1, hours=a.hours)
         if "two" not in skip:
-            results["adaptive, 2 daemons"] = run_adaptive(a, redis, work, daemons=2, hours=a.hours / 2)
+            results["adaptive, 2 daemons"] = run_adaptive(a, redis, work, daemons=2, hours=a.hours)
         cost = run_cost(a, redis, work, ns.cost_window_s) if "cost" not in skip else None
     finally:
         redis.stop()
@@ -441,7 +487,8 @@ def main() -> None:
         print(
             f"{name}: health schedule {s.get('status')} coverage={s.get('coverage')} behind={s.get('behind')} "
             f"interval p50/p95={s.get('interval_p50_s')}/{s.get('interval_p95_s')} (compressed s) "
-            f"binding={s.get('binding')} concurrency={s.get('concurrency', {}).get('limit') if s else None}"
+            f"binding={s.get('binding')} concurrency={s.get('concurrency', {}).get('limit') if s else None} "
+            f"checks={s.get('checks_here')} skipped late={s.get('skipped_late')} hot={s.get('hot')}"
         )
     if cost:
         print(

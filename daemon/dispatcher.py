@@ -63,7 +63,11 @@ SYNC_CHUNK: Final = 2000
 IDLE_FLOOR_PER_DAY: Final = 500.0  # SPEC §5: a waiting daemon's whole spend
 FIGURES_EVERY_S: Final = 600.0
 WARN_EVERY_S: Final = 3600.0
+IDLE_WAIT_S: Final = 900.0  # the longest the taker sleeps with nothing due (like the queue's idle block)
 DEFAULT_COMMANDS_PER_CHECK: Final = 0.25
+# The pace runs 3 % under the budget, so jitter in when checks actually start (an event loop that is late,
+# two daemons' replies arriving at different moments) never pushes any one minute over it.
+PACE_MARGIN: Final = 0.97
 
 
 class AdaptiveKeys:
@@ -154,7 +158,7 @@ class Dispatcher:
         # A check may start this late after its slot; due times carry the same margin (see the module doc).
         self.late_s = min(1.0, 0.05 * self.min_s)
         self.figures = Figures()
-        self.rate_per_s = settings.scrapes_per_hour / 3600.0
+        self.rate_per_s = PACE_MARGIN * settings.scrapes_per_hour / 3600.0
         self._outcomes: list[tuple[str, str]] = []
         self._retry: list[tuple[str, int]] = []
         self._release: list[tuple[str, int]] = []
@@ -190,8 +194,7 @@ class Dispatcher:
     async def _planner(self, stopping: anyio.Event) -> None:
         delay = 1.0
         while not stopping.is_set():
-            if self.progress is not None:
-                self.progress.expect("planner", self.plan_every_s + 120)
+            self._expect("planner", self.plan_every_s)
             try:
                 await self.plan_once()
                 delay = 1.0
@@ -218,7 +221,7 @@ class Dispatcher:
             checked[sid] = int(last.timestamp() * 1000) if last else 0
         self._measure_cost()
         plan = planner.plan(sections, self.budgets(), min_s=self.min_s, max_s=self.max_s)
-        self.rate_per_s = min(self.settings.scrapes_per_hour / 3600.0, self.budgets().redis_per_s)
+        self.rate_per_s = PACE_MARGIN * min(self.settings.scrapes_per_hour / 3600.0, self.budgets().redis_per_s)
         payload = [
             [
                 s.id,
@@ -232,17 +235,19 @@ class Dispatcher:
         digest = orjson.dumps(sorted((p[0], p[1], p[2]) for p in payload))
         stale = self.figures.synced_at is None or time.monotonic() - self.figures.synced_at >= self.figures_every_s
         changed = digest != self._synced_digest
+        synced = False
         if changed or stale:
             if payload or self._synced_digest not in (b"", b"[]"):
                 await self._sync(payload, plan)
+                synced = True
             self._synced_digest = digest
             self.figures.synced_at = time.monotonic()
         self.figures.plan = plan
         self.figures.hot = plan.hot
         if not payload:
             self.figures.watched = self.figures.covered = 0
-        if changed:
-            self._poke.set()  # new sections or intervals: the taker looks again now
+        if changed or synced:
+            self._poke.set()  # new sections or intervals (or a rewrite): the taker looks again now
         self._warn_if_behind()
         return plan
 
@@ -310,8 +315,7 @@ class Dispatcher:
         delay = 0.5
         while not stopping.is_set():
             horizon_s = self._horizon_s()
-            if self.progress is not None:
-                self.progress.expect("taker", max(horizon_s, 60.0) + 120)
+            self._expect("taker", horizon_s)
             self._poke = anyio.Event()
             want = self._want(horizon_s)
             try:
@@ -338,11 +342,18 @@ class Dispatcher:
                 elif retry_s > 0:
                     wait_s = retry_s
                 elif next_due < 0:
-                    wait_s = self.plan_every_s * 2  # nothing watched: the planner pokes when that changes
+                    wait_s = IDLE_WAIT_S  # nothing watched: the planner pokes when that changes
                 else:
-                    wait_s = min(max(0.01, (next_due - int(reply["now_ms"])) / 1000 - horizon_s * 0.5), 60.0)
+                    # The planner pokes when sections join or intervals change, so nothing is missed by sleeping.
+                    due_in_s = (next_due - int(reply["now_ms"])) / 1000
+                    wait_s = min(max(0.01, due_in_s - horizon_s * 0.5), IDLE_WAIT_S)
+            self._expect("taker", wait_s)
             with anyio.move_on_after(wait_s):
                 await self._poke.wait()
+
+    def _expect(self, loop: str, wait_s: float) -> None:
+        if self.progress is not None:
+            self.progress.expect(loop, wait_s + 120)
 
     async def _take(self, want: int, horizon_s: float = 0.0) -> dict[str, Any]:
         outcomes, retry, release = self._outcomes, self._retry, self._release

@@ -337,6 +337,7 @@ class Daemon:
         last_watchdog = 0.0
         while not stopping.is_set():
             await self._probe(pool)
+            self._schedule_check()  # its hourly falling-behind warning, whether or not anyone probes health
             status = self._status()
             if status != self._status_line:
                 self._status_line = status

@@ -376,3 +376,13 @@ async def test_the_daemon_runs_adaptive_checking_and_reports_its_schedule(world:
     gap = scraper.min_gap_s()
     assert gap is not None
     assert gap >= 1.0
+
+
+async def test_an_idle_daemon_spends_nothing_on_adaptive_checking(world: World) -> None:
+    """With nothing watched, the planner reads Postgres but writes nothing to Redis, and the taker waits for
+    it instead of polling: one take call at start, then none."""
+    world.serve()
+    d = await world.dispatcher(**FAST, plan_every_s=0.2)
+    await run_for(2, d)
+    assert d.usage.total["adaptive_plan"] == 0
+    assert d.usage.total["adaptive"] <= 1
