@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from daemon.breaker import BreakerConfig, CircuitBreaker, OutcomeKind
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker, OutcomeKind
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -38,8 +38,9 @@ import httpx
 import orjson
 import psutil
 
-from daemon import db
-from daemon.embedded import RedisServer, free_port
+from daemon.commands.embedded import RedisServer, free_port
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -102,9 +103,9 @@ async def create_database(name: str, class_nbrs: list[str]) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    conn = await db.connect(database_url(name))
+    conn = await connect(database_url(name))
     try:
-        await db.migrate(conn)
+        await migrate(conn)
         users = [(uuid.uuid4(), f"student{n}@bench.test") for n in class_nbrs]
         await conn.executemany("INSERT INTO auth.users (id, email) VALUES ($1, $2)", users)
         await conn.executemany(

@@ -38,8 +38,9 @@ import asyncpg
 import httpx
 import psutil
 
-from daemon import db
-from daemon.embedded import RedisServer, free_port
+from daemon.commands.embedded import RedisServer, free_port
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect
 from tests.support.stubs import ScraperStub
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -97,8 +98,8 @@ async def scratch_database(sections: int) -> str:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    conn = await db.connect(url)
-    await db.migrate(conn)
+    conn = await connect(url)
+    await migrate(conn)
     for i in range(sections):
         user = uuid.uuid4()
         await conn.execute("INSERT INTO auth.users (id, email) VALUES ($1, $2)", user, f"u{i}@example.edu")

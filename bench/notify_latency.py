@@ -55,8 +55,9 @@ from typing import Any
 import asyncpg
 import httpx
 
-from daemon import db
-from daemon.embedded import RedisServer, free_port
+from daemon.commands.embedded import RedisServer, free_port
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect
 from tests.support.capacity import CapacityScraper
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub
 
@@ -154,8 +155,8 @@ async def scratch_database(a: Args, last_checked_span_s: float) -> str:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    conn = await db.connect(url)
-    await db.migrate(conn)
+    conn = await connect(url)
+    await migrate(conn)
     rng = random.Random(a.seed)
     for i in range(a.hot + a.cold):
         user = uuid.uuid4()

@@ -34,17 +34,19 @@ import anyio
 import asyncpg
 import httpx
 
-from daemon import db
-from daemon.breaker import BreakerConfig
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
+from daemon.consumer import Consumer
 from daemon.keys import Keys
-from daemon.mailer import Renderer
-from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
-from daemon.queue import Consumer, Queue
-from daemon.scraper import Scraper
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import Scripts
+from daemon.runtime.metrics import Metrics
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect, create_pool
+from daemon.upstream.render import Renderer
+from daemon.upstream.scraper import Scraper
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -64,8 +66,8 @@ async def scratch_database(sections: int) -> str:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    conn = await db.connect(url)
-    await db.migrate(conn)
+    conn = await connect(url)
+    await migrate(conn)
     users = [uuid.uuid4() for _ in range(sections)]
     await conn.executemany(
         "INSERT INTO auth.users (id, email) VALUES ($1, $2)", [(u, f"u{i}@example.edu") for i, u in enumerate(users)]
@@ -148,7 +150,7 @@ async def run(sections: int, scraper_url: str, redis_url: str, database_url: str
     scripts = Scripts(clients.client("startup"))
     await scripts.load(clients.client("startup"))
     keys = Keys(f"bench{uuid.uuid4().hex[:6]}")
-    pool = await db.create_pool(database_url, min_size=4, max_size=20)
+    pool = await create_pool(database_url, min_size=4, max_size=20)
     rows = []
     try:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=40)) as http:

@@ -48,12 +48,13 @@ from typing import IO, Any
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.breaker import BreakerConfig
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
+from daemon.consumer import Consumer, Ticket
 from daemon.keys import Keys
-from daemon.queue import Consumer, Queue, Ticket
-from daemon.scripts import SCRIPTS, Scripts, source
-from daemon.usage import FREE_COMMANDS, RedisClients
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.clients import FREE_COMMANDS, RedisClients
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import SCRIPTS, Scripts, source
 
 THIS = Path(__file__).resolve()
 ROOT = THIS.parents[1]

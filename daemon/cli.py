@@ -9,21 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import anyio
 
 from daemon import __version__
-from daemon.config import EX_CONFIG, NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Settings
-from daemon.errors import ConfigError
+from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
+from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
-
-EX_OK: Final = 0
-EX_FAILURE: Final = 1
-EX_USAGE: Final = 2
-EX_LOCKED: Final = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,19 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(needs: str, env: dict[str, str] | None = None) -> Settings:
+def load_settings(needs: Needs, env: dict[str, str] | None = None) -> Settings:
     """Settings for a command, exiting 78 with every problem listed when they are unusable."""
-    from daemon import systemd
+    from daemon.runtime import systemd
 
     timeout_stop_s = systemd.timeout_stop_s() if needs == NEEDS_ALL else None
     try:
         return Settings.from_env(env, needs=needs, timeout_stop_s=timeout_stop_s)
     except ConfigError as exc:
         print(f"seatwatch: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+        raise SystemExit(Exit.CONFIG) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``seatwatch`` command: parse the arguments, run the command, return its exit status."""
     args = _parser().parse_args(argv)
     command: str = args.command
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -103,13 +99,20 @@ def _async(fn: Callable[[], Awaitable[int]]) -> int:
     import asyncpg
     import redis.exceptions
 
-    from daemon.config import redact_url
+    from daemon.secret import redact_url
 
     try:
         return anyio.run(fn)
-    except (redis.exceptions.RedisError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        print(f"seatwatch: {exc.__class__.__name__}: {redact_url(str(exc))}", file=sys.stderr)
-        return EX_FAILURE
+    except (
+        StoreUnavailable,
+        redis.exceptions.RedisError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+    ) as exc:
+        shown = driver_error(exc)
+        print(f"seatwatch: {shown.__class__.__name__}: {redact_url(str(shown))}", file=sys.stderr)
+        return Exit.FAILURE
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -125,7 +128,7 @@ def _configure_logs(settings: Settings) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_ALL)
     _configure_logs(settings)
-    from daemon.supervisor import run_daemon
+    from daemon.runtime.supervisor import run_daemon
 
     return run_daemon(settings)
 
@@ -133,63 +136,64 @@ def _run(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_DATABASE)
     _configure_logs(settings)
-    from daemon import db
+    from daemon.store.migrations import migrate
+    from daemon.store.pool import connect
 
     async def go() -> int:
-        conn = await db.connect(settings.database_url.reveal())
+        conn = await connect(settings.database_url.reveal())
         try:
-            applied = await db.migrate(conn)
+            applied = await migrate(conn)
         finally:
             await conn.close()
         print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")
-        return EX_OK
+        return Exit.OK
 
     return _async(go)
 
 
 def _check(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_ALL)
-    from daemon.checks import run_checks
+    from daemon.commands.checks import run_checks
 
     results = anyio.run(run_checks, settings)
     width = max(len(name) for name, _, _ in results)
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name.ljust(width)}  {detail}")
-    return EX_OK if all(ok for _, ok, _ in results) else EX_FAILURE
+    return Exit.OK if all(ok for _, ok, _ in results) else Exit.FAILURE
 
 
 def _tick(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_STORES)
     _configure_logs(settings)
-    from daemon.admin import tick_now
+    from daemon.commands.admin import tick_now
 
     return _async(lambda: tick_now(settings, args.group))
 
 
 def _status(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_STORES)
-    from daemon.admin import status
+    from daemon.commands.admin import status
 
     return _async(lambda: status(settings, as_json=args.json))
 
 
 def _breaker(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon.admin import breaker_reset
+    from daemon.commands.admin import breaker_reset
 
     return _async(lambda: breaker_reset(settings))
 
 
 def _lock(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon.admin import lock_release
+    from daemon.commands.admin import lock_release
 
     return _async(lambda: lock_release(settings))
 
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = load_settings(NEEDS_REDIS)
-    from daemon import admin
+    from daemon.commands import admin
 
     if args.action == "list":
         return _async(lambda: admin.dlq_list(settings, count=args.count, as_json=args.json))
@@ -199,6 +203,6 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.commands.demo import run_demo
 
     return run_demo(dir_=args.dir, port=args.port, duration_s=args.duration, env=dict(os.environ))

@@ -2,7 +2,8 @@
 
 Every problem is collected and reported together (``ConfigError.problems``); the CLI turns that into exit
 status 78. No secret value is ever part of a message or a ``repr``: secrets are wrapped in ``Secret``, and
-URLs that may carry a password are shown through ``redact_url``.
+URLs that may carry a password are shown through ``redact_url`` (both in ``daemon.secret``).
+Choices are ``Literal`` types, so a misspelt one is a type error, not a silent branch.
 
 A secret may come from the variable itself, from ``NAME_FILE=/path``, or from a file named ``name`` (lower
 case) in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
@@ -19,95 +20,30 @@ import zoneinfo
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from croniter import croniter
 
 from daemon.errors import ConfigError
+from daemon.secret import Secret, redact_url, url_passwords
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-EX_CONFIG: Final = 78
 
+EmailTransport = Literal["resend", "file"]
+Stagger = Literal["parity", "none"]  # parity: :00 checks even class numbers, :30 odd
+Schedule = Literal["cron", "adaptive"]  # SPEC §4 ticks, or §11 due times
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+Needs = Literal["all", "database", "redis", "stores"]
 
-class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or an f-string."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
-# A URL with its scheme, up to the next blank or quote. Its user info ends at the LAST '@' (a password may
-# hold '/' or '@'; a host holds neither), and its password starts after the first ':' of the user info.
-_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"<>]+)")
-# libpq and redis-py also take the password as a parameter: ``?password=...`` or ``password=...`` (keyword DSN).
-_PASSWORD_PARAM = re.compile(r"(?i)(?P<key>\bpassword=)(?P<pw>[^&\s'\"]+)")
-
-
-def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
-    """(user, password, host and beyond) of what follows ``scheme://``, or None without a password."""
-    at = rest.rfind("@")
-    if at < 0 or ":" not in rest[:at]:
-        return None
-    user, password = rest[:at].split(":", 1)
-    return user, password, rest[at + 1 :]
-
-
-def _redact_one(scheme: str, rest: str) -> str:
-    parts = _split_userinfo(rest)
-    if parts is None:
-        return scheme + rest
-    user, _, host = parts
-    return f"{scheme}{user}:***@{host}"
-
-
-_WHOLE_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>\S*)")
-
-
-def redact_url(text: str) -> str:
-    """``redis://default:hunter2@host`` -> ``redis://default:***@host``, and ``password=x`` -> ``password=***``.
-
-    A whole value (a configured URL) is taken as one URL, whatever its password holds; in free text (a log
-    line, an error) a URL ends at a blank or a quote.
-    """
-    whole = _WHOLE_URL.fullmatch(text)
-    if whole:
-        text = _redact_one(whole["scheme"], whole["rest"])
-    else:
-        text = _URL.sub(lambda m: _redact_one(m["scheme"], m["rest"]), text)
-    return _PASSWORD_PARAM.sub(lambda m: f"{m['key']}***", text)
-
-
-def url_passwords(url: str) -> list[str]:
-    """Every password written into the URL value ``url`` (user info or ``password=``), for the log scrubber."""
-    found = [m["pw"] for m in _PASSWORD_PARAM.finditer(url)]
-    whole = _WHOLE_URL.fullmatch(url)
-    parts = _split_userinfo(whole["rest"]) if whole else None
-    if parts is not None and parts[1]:
-        found.append(parts[1])
-    return found
-
+EMAIL_TRANSPORTS: Final[tuple[EmailTransport, ...]] = ("resend", "file")
+STAGGERS: Final[tuple[Stagger, ...]] = ("parity", "none")
+SCHEDULES: Final[tuple[Schedule, ...]] = ("cron", "adaptive")
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
 # The sets of variables each command needs; anything else may be absent for that command.
 NEEDS_ALL: Final = "all"
@@ -135,11 +71,11 @@ class Settings:
     from_email: str
     site_url: str
     unsubscribe_key: Secret
-    email_transport: str
+    email_transport: EmailTransport
     outbox_dir: Path | None
     cron: str
     timezone: str
-    stagger: str
+    stagger: Stagger
     concurrency: int
     health_host: str
     health_port: int
@@ -156,18 +92,18 @@ class Settings:
     misfire_grace_s: float
     shutdown_grace_s: float
     redis_budget_per_day: int
-    log_format: str
-    log_level: str
+    log_format: LogFormat
+    log_level: LogLevel
     # SPEC §11. With ``concurrency_auto`` the in-flight scrapes adapt between 1 and ``concurrency_max``, and
     # ``concurrency`` holds that ceiling (what pools and the queue size themselves for).
-    schedule: str = "cron"
+    schedule: Schedule = "cron"
     max_check_interval_s: int = 3600
     min_check_interval_s: int = 120
     scrapes_per_hour: int = 3600
     concurrency_auto: bool = False
     concurrency_max: int = 32
     # Which variables were validated as required (see ``from_env(needs=...)``).
-    needs: str = field(default=NEEDS_ALL)
+    needs: Needs = field(default=NEEDS_ALL)
 
     def __repr__(self) -> str:
         parts = []
@@ -180,6 +116,7 @@ class Settings:
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:
+        """The cron's time zone."""
         return zoneinfo.ZoneInfo(self.timezone)
 
     def summary(self) -> dict[str, object]:
@@ -203,7 +140,7 @@ class Settings:
         cls,
         env: Mapping[str, str] | None = None,
         *,
-        needs: str = NEEDS_ALL,
+        needs: Needs = NEEDS_ALL,
         timeout_stop_s: float | None = None,
         hostname: Callable[[], str] = socket.gethostname,
     ) -> Settings:
@@ -215,10 +152,13 @@ class Settings:
         return _Parser(os.environ if env is None else env, needs, hostname).parse(timeout_stop_s)
 
 
+C = TypeVar("C", bound=str)
+
+
 class _Parser:
     """Collects problems while reading variables, so all of them are reported together."""
 
-    def __init__(self, env: Mapping[str, str], needs: str, hostname: Callable[[], str]) -> None:
+    def __init__(self, env: Mapping[str, str], needs: Needs, hostname: Callable[[], str]) -> None:
         self.env = env
         self.needs = needs
         self.hostname = hostname
@@ -299,12 +239,13 @@ class _Parser:
                 self.problems.append(f"{name} has an invalid port: {redact_url(value)!r}")
         return value
 
-    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: C, options: tuple[C, ...]) -> C:
         value = (self.raw(name) or default).lower()
-        if value not in options:
-            self.problems.append(f"{name} must be one of {', '.join(options)} (got {value!r})")
-            return default
-        return value
+        for option in options:
+            if value == option:
+                return option
+        self.problems.append(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return default
 
     def integer(self, name: str, default: int, *, low: int = 1, high: int = 10**9) -> int:
         text = self.raw(name)
@@ -337,7 +278,7 @@ class _Parser:
     # -- the whole thing ---------------------------------------------------------------------------
 
     def parse(self, timeout_stop_s: float | None) -> Settings:
-        transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", ("resend", "file"))
+        transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", EMAIL_TRANSPORTS)
         resend = transport == "resend"
         why_resend = " when SEATWATCH_EMAIL_TRANSPORT is resend"
 
@@ -386,11 +327,11 @@ class _Parser:
         if not cron_ok:
             self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
 
-        stagger = self.choice("SEATWATCH_STAGGER", "parity", ("parity", "none"))
+        stagger = self.choice("SEATWATCH_STAGGER", "parity", STAGGERS)
         concurrency_max = self.integer("SEATWATCH_CONCURRENCY_MAX", 32, high=256)
         concurrency_auto = (self.raw("SEATWATCH_CONCURRENCY") or "").strip().lower() == "auto"
         concurrency = concurrency_max if concurrency_auto else self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
-        schedule = self.choice("SEATWATCH_SCHEDULE", "cron", ("cron", "adaptive"))
+        schedule = self.choice("SEATWATCH_SCHEDULE", "cron", SCHEDULES)
         max_interval_s = self.integer("SEATWATCH_MAX_CHECK_INTERVAL_S", 3600, high=86400 * 7)
         min_interval_s = self.integer("SEATWATCH_MIN_CHECK_INTERVAL_S", 120, high=86400 * 7)
         scrapes_per_hour = self.integer("SEATWATCH_SCRAPES_PER_HOUR", 3600, high=10**7)
@@ -415,8 +356,8 @@ class _Parser:
         misfire_grace_s = self.seconds("SEATWATCH_MISFIRE_GRACE_S", 600, low=0)
         shutdown_grace_s = self.seconds("SEATWATCH_SHUTDOWN_GRACE_S", 60, low=0)
         budget = self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9)
-        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", ("text", "json"))
-        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
+        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", LOG_FORMATS)
+        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", LOG_LEVELS)
 
         # Cross-checks: relationships between values that are each fine alone.
         if visibility_timeout_s <= scraper_timeout_s:

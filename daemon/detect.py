@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 STAFF: Final = "Staff"
@@ -18,26 +18,36 @@ SEAT_AVAILABLE: Final = "seat_available"
 INSTRUCTOR_ASSIGNED: Final = "instructor_assigned"
 
 
+Drift = tuple[str, str]
+"""One odd describing field of a scraper answer: (field, kind), e.g. ("instructor", "blank")."""
+
+
 @dataclass(frozen=True)
 class Observation:
-    """One validated scrape of a section."""
+    """One scrape of a section whose seat counts are trusted.
 
-    subject: str
-    catalog_nbr: str
+    The describing fields are None when unknown (absent, blank, or of a type that is not text); a None
+    instructor is not a name. ``drift`` lists what was odd about the answer, for metrics and logs only.
+    """
+
+    subject: str | None
+    catalog_nbr: str | None
     title: str | None
-    instructor: str
+    instructor: str | None
     seats_available: int
     seats_capacity: int
     non_reserved_seats: int | None
     location: str | None
     meeting_times: str | None
+    drift: tuple[Drift, ...] = field(default=(), compare=False)
 
     @property
     def open_seats(self) -> int:
+        """Seats open to anyone: the non-reserved count when the class search gives one."""
         return self.non_reserved_seats if self.non_reserved_seats is not None else self.seats_available
 
     def row(self) -> tuple[object, ...]:
-        """The values in the order ``seatwatch_observe`` takes them after term and class_nbr."""
+        """The values in the order ``seatwatch_observe_v2`` takes them after term and class_nbr."""
         return (
             self.subject,
             self.catalog_nbr,
@@ -62,15 +72,19 @@ class PreviousState:
 
     @property
     def open_seats(self) -> int | None:
+        """Seats that were open (``open_seats`` of the stored counts)."""
         return open_seats(self.seats_available, self.non_reserved_seats)
 
 
 def open_seats(seats_available: int | None, non_reserved_seats: int | None) -> int | None:
+    """The non-reserved count when known, else the available count."""
     return non_reserved_seats if non_reserved_seats is not None else seats_available
 
 
 @dataclass(frozen=True)
 class Changes:
+    """What changed between two observations of a section."""
+
     first_observation: bool = False
     seat_opened: bool = False
     seats_filled: bool = False
@@ -78,6 +92,7 @@ class Changes:
 
     @property
     def notification_types(self) -> list[str]:
+        """The notification types this change sends (seat available, instructor assigned)."""
         types = []
         if self.seat_opened:
             types.append(SEAT_AVAILABLE)
@@ -92,10 +107,11 @@ class Changes:
 
 
 def detect(previous: PreviousState | None, new: Observation) -> Changes:
+    """The changes from ``previous`` (None: never seen) to ``new``; pure, no I/O."""
     if previous is None:
         return Changes(first_observation=True)
     before, after = previous.open_seats, new.open_seats
-    name = new.instructor.strip()
+    name = (new.instructor or "").strip()
     return Changes(
         seat_opened=before == 0 and after > 0,
         seats_filled=before is not None and before > 0 and after == 0,

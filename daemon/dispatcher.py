@@ -33,10 +33,12 @@ import anyio
 import orjson
 
 from daemon import planner
-from daemon.db import CONNECTION_ERRORS
+from daemon.consumer import Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
+from daemon.jobs import Job, usable_section
 from daemon.limiter import AdaptiveLimit, FixedLimit, capacity_per_s
-from daemon.queue import REDIS_ERRORS, Job, Ticket, usable_section
+from daemon.primitives.clients import REDIS_ERRORS
+from daemon.store.pool import CONNECTION_ERRORS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -44,16 +46,16 @@ if TYPE_CHECKING:
     import asyncpg
     from anyio.abc import TaskGroup
 
-    from daemon.breaker import BreakerConfig
     from daemon.config import Settings
-    from daemon.gate import Gate
     from daemon.keys import Keys
     from daemon.limiter import Limit
     from daemon.pipeline import Pipeline
+    from daemon.primitives.breaker import BreakerConfig
+    from daemon.primitives.clients import CountingRedis, RedisClients
+    from daemon.primitives.scripts import Scripts
+    from daemon.runtime.systemd import Progress
     from daemon.scheduler import Scheduler
-    from daemon.scripts import Scripts
-    from daemon.systemd import Progress
-    from daemon.usage import CountingRedis, RedisClients
+    from daemon.upstream.gate import Gate
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ class Dispatcher:
         self._usage_mark = (0, 0)  # (adaptive commands, checks) at the last plan
         self.breaker_state: Any = None
         self._stopping = anyio.Event()
+        self._planned = anyio.Event()
 
     # -- loops -------------------------------------------------------------------------------------------
 
@@ -244,10 +247,14 @@ class Dispatcher:
             self.figures.synced_at = time.monotonic()
         self.figures.plan = plan
         self.figures.hot = plan.hot
+        if payload:
+            self._planned.set()
+        elif self._planned.is_set():
+            self._planned = anyio.Event()  # nothing watched any more: the taker goes quiet
         if not payload:
             self.figures.watched = self.figures.covered = 0
-        if changed or synced:
-            self._poke.set()  # new sections or intervals (or a rewrite): the taker looks again now
+        if changed and synced:
+            self._poke.set()  # new sections or intervals: the taker looks again now
         self._warn_if_behind()
         return plan
 
@@ -314,6 +321,12 @@ class Dispatcher:
     async def _taker(self, checks: TaskGroup, stopping: anyio.Event) -> None:
         delay = 0.5
         while not stopping.is_set():
+            if not self._planned.is_set():
+                # Nothing to take before the first plan, nor while nothing is watched: no command at all.
+                self._expect("taker", IDLE_WAIT_S)
+                with anyio.move_on_after(IDLE_WAIT_S):
+                    await self._planned.wait()
+                continue
             horizon_s = self._horizon_s()
             self._expect("taker", horizon_s)
             self._poke = anyio.Event()

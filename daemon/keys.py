@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Keys:
+    """Every Redis key and stream/group name, from one prefix: the isolation seam for tests."""
+
     prefix: str
 
     def _k(self, *parts: str) -> str:
@@ -53,6 +55,7 @@ class Keys:
     # -- cron lock and ticks ----------------------------------------------------------------------
     @property
     def lock(self) -> str:
+        """The cron lock (owner token, fence, times)."""
         return self._k("lock", "cron")
 
     @property
@@ -77,6 +80,7 @@ class Keys:
     # -- breaker ----------------------------------------------------------------------------------
     @property
     def breaker(self) -> str:
+        """The breaker's state hash."""
         return self._k("breaker", "scraper")
 
     @property

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from daemon.config import redact_url
+from daemon.secret import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -31,6 +31,7 @@ _PRIORITY: Final = {
 
 
 def priority(levelno: int) -> int:
+    """The syslog priority (0-7) journald shows for a logging level."""
     for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
         if levelno >= level:
             return _PRIORITY[level]
@@ -52,7 +53,7 @@ class _Scrubber:
 
 
 class JournalFormatter(logging.Formatter):
-    """``<6>daemon.queue: message``; a timestamp too when stdout is not the journal."""
+    """``<6>daemon.primitives.queue: message``; a timestamp too when stdout is not the journal."""
 
     def __init__(self, scrub: _Scrubber, *, timestamps: bool) -> None:
         super().__init__()
@@ -60,6 +61,7 @@ class JournalFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
+        """One line, ``<N>`` priority first, continuation lines indented."""
         text = record.getMessage()
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
@@ -82,6 +84,7 @@ class JsonFormatter(logging.Formatter):
         self.scrub = scrub
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON object per record."""
         event: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),

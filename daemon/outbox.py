@@ -29,18 +29,20 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import db
-from daemon.mailer import BATCH_LIMIT, EmailRejected, EmailRetry, OutgoingEmail
-from daemon.queue import retry_delay_s
+from daemon.backoff import Backoff, Outage, retry_delay_s
+from daemon.errors import EmailRejected, EmailRetry
+from daemon.store import outbox_queries as queries
+from daemon.store.pool import CONNECTION_ERRORS
+from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import asyncpg
 
-    from daemon.mailer import Transport
-    from daemon.metrics import Metrics
-    from daemon.systemd import Progress
+    from daemon.runtime.metrics import Metrics
+    from daemon.runtime.systemd import Progress
+    from daemon.upstream.resend import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ PURGE_EVERY_S: Final = 3600.0
 
 @dataclass(frozen=True)
 class Batch:
+    """One leased batch of outbox rows, sent as one request under one idempotency key."""
+
     key: str
     attempts: int
     age_s: float
@@ -62,6 +66,8 @@ class Batch:
 
 
 class OutboxSender:
+    """Drains ``seatwatch_outbox`` into the email transport, a batch at a time, until ``stopping``."""
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -95,8 +101,7 @@ class OutboxSender:
     async def run(self, stopping: anyio.Event) -> None:
         """Send until ``stopping``; a Postgres outage only delays (logged once, then retried)."""
         next_purge = self.clock()
-        delay = 1.0
-        db_down = False
+        backoff = Backoff(1.0, 30.0, outage=Outage("outbox: Postgres", logger))
         leases_released = False
         while not stopping.is_set():
             # Created before sending, so a wake() during a long send is not lost.
@@ -115,17 +120,10 @@ class OutboxSender:
                 if self.clock() >= next_purge:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
-            except db.CONNECTION_ERRORS as exc:
-                if not db_down:
-                    logger.warning("outbox: Postgres unavailable (%s); retrying", exc.__class__.__name__)
-                db_down = True
-                with anyio.move_on_after(delay):
-                    await stopping.wait()
-                delay = min(30.0, delay * 2)
+            except CONNECTION_ERRORS as exc:
+                await backoff.wait(exc.__class__.__name__, stopping)
                 continue
-            if db_down:
-                logger.info("outbox: Postgres is back")
-            db_down, delay = False, 1.0
+            backoff.succeeded()
             if stopping.is_set():
                 break
             paused_s = self._not_before - self.clock()
@@ -140,20 +138,10 @@ class OutboxSender:
         They go again as the same batch under the same key, so one already delivered is not delivered twice.
         """
         async with self.pool.acquire() as conn:
-            released = await conn.fetchval(
-                """
-                WITH freed AS (
-                    UPDATE seatwatch_outbox_batches SET leased_until = NULL
-                    WHERE status = 'pending' AND leased_by = $1 AND leased_until > now()
-                    RETURNING 1
-                )
-                SELECT count(*) FROM freed
-                """,
-                self.owner,
-            )
+            released = await queries.release_leases(conn, self.owner)
         if released:
             logger.info("outbox: resuming %d batches this daemon was sending when it stopped", released)
-        return int(released or 0)
+        return released
 
     async def drain(self) -> int:
         """Send everything that is due now; the number of batches attempted (tests, `demo`)."""
@@ -192,93 +180,39 @@ class OutboxSender:
 
     async def _lease_due_batch(self) -> Batch | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                """
-                SELECT key, attempts, ambiguous, extract(epoch FROM now() - created_at) AS age_s
-                FROM seatwatch_outbox_batches
-                WHERE status = 'pending' AND next_attempt_at <= now()
-                  AND (leased_until IS NULL OR leased_until < now())
-                ORDER BY next_attempt_at
-                LIMIT 1
-                FOR UPDATE SKIP LOCKED
-                """
-            )
-            if row is None:
+            due = await queries.lease_due_batch(conn, LEASE_S, self.owner)
+            if due is None:
                 return None
-            await conn.execute(
-                """
-                UPDATE seatwatch_outbox_batches
-                SET leased_until = now() + make_interval(secs => $2), leased_by = $3, attempts = attempts + 1
-                WHERE key = $1
-                """,
-                row["key"],
-                LEASE_S,
-                self.owner,
-            )
-            return await self._load(conn, row["key"], row["attempts"] + 1, float(row["age_s"]), row["ambiguous"])
+            return await self._load(conn, due.key, due.attempt, due.age_s, due.ambiguous)
 
     async def _form_batch(self) -> Batch | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """
-                SELECT id, solo FROM seatwatch_outbox
-                WHERE status = 'pending' AND batch_key IS NULL
-                ORDER BY id
-                LIMIT $1
-                FOR UPDATE SKIP LOCKED
-                """,
-                BATCH_LIMIT,
-            )
+            rows = await queries.unbatched_rows(conn, BATCH_LIMIT)
             if not rows:
                 return None
             # A row split out of a rejected batch travels alone; others fill the batch in id order.
-            ids = [rows[0]["id"]] if rows[0]["solo"] else [r["id"] for r in rows if not r["solo"]]
+            first_id, first_solo = rows[0]
+            ids = [first_id] if first_solo else [row_id for row_id, solo in rows if not solo]
             key = f"seatwatch-{uuid.uuid4()}"
-            await conn.execute(
-                """
-                INSERT INTO seatwatch_outbox_batches (key, attempts, leased_until, leased_by)
-                VALUES ($1, 1, now() + make_interval(secs => $2), $3)
-                """,
-                key,
-                LEASE_S,
-                self.owner,
-            )
-            await conn.execute("UPDATE seatwatch_outbox SET batch_key = $1 WHERE id = ANY($2::bigint[])", key, ids)
+            await queries.create_batch(conn, key, ids, LEASE_S, self.owner)
             return await self._load(conn, key, 1, 0.0, False)
 
     async def _load(self, conn: asyncpg.Connection, key: str, attempts: int, age_s: float, ambiguous: bool) -> Batch:
-        rows = await conn.fetch(
-            "SELECT id, payload, notification_type FROM seatwatch_outbox WHERE batch_key = $1 ORDER BY id",
-            key,
-        )
+        rows = await queries.batch_rows(conn, key)
         return Batch(
             key=key,
             attempts=attempts,
             age_s=age_s,
             ambiguous=ambiguous,
-            emails=[OutgoingEmail(r["id"], r["payload"]) for r in rows],
-            types=[r["notification_type"] for r in rows],
+            emails=[OutgoingEmail(r.id, r.payload) for r in rows],
+            types=[r.notification_type for r in rows],
         )
 
     # -- outcomes ----------------------------------------------------------------------------------------
 
     async def _sent(self, batch: Batch, ids: list[str]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """
-                UPDATE seatwatch_outbox o SET status = 'sent', sent_at = now(), provider_id = v.provider_id,
-                                              last_error = NULL
-                FROM unnest($1::bigint[], $2::text[]) AS v(id, provider_id)
-                WHERE o.id = v.id
-                """,
-                [e.row_id for e in batch.emails],
-                ids,
-            )
-            await conn.execute(
-                "UPDATE seatwatch_outbox_batches SET status = 'sent', sent_at = now(), leased_until = NULL, "
-                "last_error = NULL WHERE key = $1",
-                batch.key,
-            )
+            await queries.mark_sent(conn, batch.key, [e.row_id for e in batch.emails], ids)
         for kind in batch.types:
             self.metrics.emails.labels(kind, "sent").inc()
         self.failing, self.last_error = False, None
@@ -300,18 +234,7 @@ class OutboxSender:
             retry_after_s if retry_after_s is not None else retry_delay_s(batch.attempts, self.retry_base_s, cap_s=600)
         )
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                """
-                UPDATE seatwatch_outbox_batches
-                SET next_attempt_at = now() + make_interval(secs => $2), leased_until = NULL, last_error = $3,
-                    ambiguous = ambiguous OR $4
-                WHERE key = $1
-                """,
-                batch.key,
-                delay_s,
-                reason,
-                ambiguous,
-            )
+            await queries.schedule_retry(conn, batch.key, delay_s, reason, ambiguous)
         logger.warning(
             "outbox: batch %s (%d emails) attempt %d failed, same batch again in %.0fs: %s",
             batch.key,
@@ -324,18 +247,7 @@ class OutboxSender:
     async def _reform(self, batch: Batch, reason: str, *, solo: bool = False) -> None:
         """Nothing of this batch was delivered: its rows go back to pending, to be batched under a new key."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE seatwatch_outbox SET batch_key = NULL, solo = solo OR $3, last_error = $2 WHERE batch_key = $1",
-                batch.key,
-                reason,
-                solo,
-            )
-            await conn.execute(
-                "UPDATE seatwatch_outbox_batches SET status = 'failed', leased_until = NULL, last_error = $2 "
-                "WHERE key = $1",
-                batch.key,
-                reason,
-            )
+            await queries.retire_batch(conn, batch.key, reason, solo=solo)
         logger.warning(
             "outbox: batch %s retired (%s); its %d emails go again under a new key",
             batch.key,
@@ -353,17 +265,7 @@ class OutboxSender:
 
     async def _fail_rows(self, batch: Batch, reason: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE seatwatch_outbox SET status = 'failed', last_error = $2 WHERE batch_key = $1",
-                batch.key,
-                reason,
-            )
-            await conn.execute(
-                "UPDATE seatwatch_outbox_batches SET status = 'failed', leased_until = NULL, last_error = $2 "
-                "WHERE key = $1",
-                batch.key,
-                reason,
-            )
+            await queries.fail_batch_rows(conn, batch.key, reason)
         for kind in batch.types:
             self.metrics.emails.labels(kind, "failed").inc()
         logger.error("outbox: %d emails of batch %s failed: %s", len(batch.emails), batch.key, reason)
@@ -371,27 +273,7 @@ class OutboxSender:
     async def purge(self) -> int:
         """Delete sent and failed rows older than the retention, and their batches."""
         async with self.pool.acquire() as conn, conn.transaction():
-            deleted = await conn.fetchval(
-                """
-                WITH gone AS (
-                    DELETE FROM seatwatch_outbox
-                    WHERE status IN ('sent', 'failed')
-                      AND coalesce(sent_at, created_at) < now() - make_interval(days => $1)
-                    RETURNING 1
-                )
-                SELECT count(*) FROM gone
-                """,
-                RETENTION_DAYS,
-            )
-            await conn.execute(
-                """
-                DELETE FROM seatwatch_outbox_batches b
-                WHERE b.status IN ('sent', 'failed')
-                  AND b.created_at < now() - make_interval(days => $1)
-                  AND NOT EXISTS (SELECT 1 FROM seatwatch_outbox o WHERE o.batch_key = b.key)
-                """,
-                RETENTION_DAYS,
-            )
+            deleted = await queries.purge(conn, RETENTION_DAYS)
         if deleted:
             logger.info("outbox: purged %d rows older than %d days", deleted, RETENTION_DAYS)
-        return int(deleted or 0)
+        return deleted

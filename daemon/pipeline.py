@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from daemon import db
-from daemon.detect import Changes, Observation, detect
+from daemon.detect import Changes, Drift, Observation, detect
 from daemon.errors import (
     DeferJob,
     PermanentJobError,
@@ -27,24 +26,28 @@ from daemon.errors import (
     SectionNotFound,
 )
 from daemon.logs import mask_email
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import asyncpg
 
-    from daemon.mailer import Renderer
-    from daemon.metrics import Metrics
-    from daemon.queue import Ticket
-    from daemon.scraper import Scraper
+    from daemon.consumer import Ticket
+    from daemon.runtime.metrics import Metrics
+    from daemon.upstream.render import Renderer
+    from daemon.upstream.scraper import Scraper
 
 logger = logging.getLogger(__name__)
 
 DB_OUTAGE_DEFER_S = 30.0
+DRIFT_LOG_INTERVAL_S = 3600.0
 
 
 @dataclass(frozen=True)
 class SectionResult:
+    """What one section's check did: the changes seen and the emails queued."""
+
     changes: Changes
     emails: int
     previous_source: str | None
@@ -70,6 +73,7 @@ class Pipeline:
         self.metrics = metrics
         self.on_emails = on_emails
         self.clock_ms = clock_ms
+        self.drift = DriftReport(metrics)
 
     async def __call__(self, ticket: Ticket) -> None:
         job = ticket.job
@@ -95,6 +99,7 @@ class Pipeline:
         finally:
             self.metrics.scrape_seconds.observe(time.perf_counter() - started)
         ticket.success()
+        self.drift.report(job.id, observation)
 
         try:
             result = await self.record(job.term, job.class_nbr, observation)
@@ -139,13 +144,25 @@ class Pipeline:
                 conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
             )
             now_ms = self.clock_ms()
+            courses: dict[str, tuple[str, str]] = {}
+            if claims and (observation.subject is None or observation.catalog_nbr is None):
+                # The scraper's course code is unusable: each email names the course as its watch does.
+                courses = await db.watch_courses(conn, [claim.watch_id for claim in claims])
             rows = []
             for claim in claims:
+                described = observation
+                if claim.watch_id in courses:
+                    subject, catalog_nbr = courses[claim.watch_id]
+                    described = replace(
+                        observation,
+                        subject=observation.subject or subject,
+                        catalog_nbr=observation.catalog_nbr or catalog_nbr,
+                    )
                 rendered = self.renderer.render(
                     claim.notification_type,
                     term,
                     class_nbr,
-                    observation,
+                    described,
                     to=claim.email,
                     user_id=claim.user_id,
                     now_ms=now_ms,
@@ -163,6 +180,36 @@ class Pipeline:
                 )
             await db.insert_outbox(conn, rows)
             return SectionResult(changes, len(rows), previous.source if previous else None, claims)
+
+
+class DriftReport:
+    """Odd describing fields of scraper answers: counted by field and kind in ``/metrics`` and logged as
+    one warning per field and kind per hour, naming an example section. They never fail a check."""
+
+    def __init__(
+        self, metrics: Metrics, *, interval_s: float = DRIFT_LOG_INTERVAL_S, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.now = now
+        self._warned_at: dict[Drift, float] = {}
+
+    def report(self, section_id: str, observation: Observation) -> None:
+        """Count the observation's odd describing fields; log each kind at most once an interval."""
+        for drift in observation.drift:
+            field_name, kind = drift
+            self.metrics.scraper_drift.labels(field_name, kind).inc()
+            now = self.now()
+            last = self._warned_at.get(drift)
+            if last is None or now - last >= self.interval_s:
+                self._warned_at[drift] = now
+                logger.warning(
+                    "scraper drift: %s is %s (e.g. section %s); the seat decision went ahead "
+                    "(this warning repeats at most hourly per field and kind)",
+                    field_name,
+                    kind.replace("_", " "),
+                    section_id,
+                )
 
 
 def _describe(changes: Changes, source: str | None) -> str:

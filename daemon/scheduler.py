@@ -19,9 +19,11 @@ import anyio
 import orjson
 from croniter import croniter
 
-from daemon import db
-from daemon.lock import LockBusy, SlotDone
-from daemon.queue import REDIS_ERRORS, usable_section
+from daemon.backoff import Backoff
+from daemon.errors import LockBusy, SlotDone
+from daemon.jobs import usable_section
+from daemon.primitives.clients import REDIS_ERRORS
+from daemon.store import db
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,10 +31,10 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.lock import CronLock, Grant
-    from daemon.metrics import Metrics
-    from daemon.queue import Queue
-    from daemon.systemd import Progress
+    from daemon.primitives.lock import CronLock, Grant
+    from daemon.primitives.queue import Queue
+    from daemon.runtime.metrics import Metrics
+    from daemon.runtime.systemd import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def next_slot(cron: str, tz: ZoneInfo, after: datetime) -> datetime:
 
 
 def slot_id(at: datetime) -> str:
+    """A cron slot's id: its UTC minute, ``2026-01-15T16:30Z``."""
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
@@ -72,6 +75,8 @@ def group_for(at: datetime, stagger: str) -> str:
 
 @dataclass(frozen=True)
 class TickResult:
+    """What one tick did: sections read, enqueued, already queued; fenced if the lock changed hands."""
+
     slot: str | None
     group: str
     sections: int
@@ -83,6 +88,7 @@ class TickResult:
     finished_at: float
 
     def as_dict(self) -> dict[str, Any]:
+        """Its fields for health, status and the lock's last-tick record."""
         return {
             "slot": self.slot,
             "group": self.group,
@@ -125,6 +131,8 @@ async def enqueue_under(grant: Grant, pool: asyncpg.Pool, queue: Queue, group: s
 
 
 class Scheduler:
+    """The cron loop: each slot runs once across every daemon, under the cron lock, within the misfire grace."""
+
     def __init__(
         self,
         *,
@@ -158,6 +166,7 @@ class Scheduler:
 
     @property
     def next_tick(self) -> datetime | None:
+        """The slot it waits for (or runs), if any."""
         return self.waiting_for
 
     def overdue(self, allowance_s: float = 120.0) -> bool:
@@ -166,6 +175,7 @@ class Scheduler:
         return late or self.missed is not None
 
     async def run(self, stopping: anyio.Event) -> None:
+        """Tick each cron slot until ``stopping``; first the latest slot if it is within the grace."""
         handled = latest_slot(self.cron, self.tz, self.now())
         if self.now() - handled.timestamp() <= self.grace_s:
             self.waiting_for = handled
@@ -206,7 +216,7 @@ class Scheduler:
         # One owner token for every attempt at this slot: if an acquire ran but its reply was lost, the
         # retry finds the lock already ours instead of waiting out its TTL as "busy".
         owner = self.lock.new_owner()
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not stopping.is_set():
             if self.progress is not None:
                 self.progress.expect("scheduler", LOCK_RETRY_S + 120)
@@ -221,15 +231,13 @@ class Scheduler:
                 wait_s = LOCK_RETRY_S
                 logger.info("cron slot %s: lock held by %s; trying again in %.0fs", sid, busy.holder, wait_s)
             except REDIS_ERRORS as exc:
-                wait_s = delay
-                delay = min(30.0, delay * 2)
+                wait_s = backoff.failed()
                 logger.warning("cron slot %s: Redis unavailable (%s)", sid, exc)
             else:
                 if await self._tick(grant, sid, group):
                     self._handled()
                     return
-                wait_s = delay
-                delay = min(30.0, delay * 2)
+                wait_s = backoff.failed()
             if self.now() + wait_s > deadline:
                 logger.error("cron slot %s (%s) not run: could not tick within the misfire grace", sid, group)
                 self.metrics.ticks.labels("missed").inc()

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 import pytest
 import redis.asyncio as aioredis
 
-from daemon import db
 from daemon.keys import Keys
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.store.migrations import migrate
+from daemon.store.pool import connect, create_pool
+from tests.support.procs import Daemons
 from tests.support.servers import TestServers
 from tests.support.stubs import ResendStub, ScraperStub
 
@@ -102,9 +104,9 @@ def migrated_template(servers: TestServers) -> Iterator[str]:
     name = servers.create_database("template")
 
     async def run() -> None:
-        conn = await db.connect(servers.url_for(name))
+        conn = await connect(servers.url_for(name))
         try:
-            await db.migrate(conn)
+            await migrate(conn)
         finally:
             await conn.close()
 
@@ -132,7 +134,7 @@ def empty_database_url(servers: TestServers, request: pytest.FixtureRequest) -> 
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    created = await db.create_pool(database_url, min_size=1, max_size=8)
+    created = await create_pool(database_url, min_size=1, max_size=8)
     try:
         yield created
     finally:
@@ -156,3 +158,11 @@ def resend() -> Iterator[ResendStub]:
     stub = ResendStub().start()
     yield stub
     stub.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Starts real ``seatwatch run`` processes for a test; kills any still running when it ends."""
+    made = Daemons()
+    yield made
+    made.kill_all()

@@ -16,21 +16,21 @@ import httpx
 import orjson
 import pytest
 
-from daemon.breaker import BreakerConfig
 from daemon.config import Settings
 from daemon.dispatcher import AdaptiveKeys, CronWatch, Dispatcher, make_limit
-from daemon.gate import Gate, MeteredScraper
 from daemon.keys import Keys
 from daemon.limiter import AdaptiveLimit
-from daemon.lock import CronLock
-from daemon.mailer import Renderer
-from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
-from daemon.queue import Queue
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import Scripts
+from daemon.runtime.metrics import Metrics
 from daemon.scheduler import Scheduler
-from daemon.scraper import Scraper
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.upstream.gate import Gate, MeteredScraper
+from daemon.upstream.render import Renderer
+from daemon.upstream.scraper import Scraper
 from tests.support.capacity import CapacityScraper
 from tests.support.procs import SIGNING_KEY, DaemonProcess, daemon_env, run_cli
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
@@ -198,9 +198,10 @@ async def test_scrape_budget_is_spent_evenly_not_in_bursts(world: World) -> None
     assert world.scraper.max_in_window(1.0, since=started + 0.5) <= 11
     check = d.check()
     assert check["binding"] == "scrapes_per_hour"
-    # Checks batch: the take script runs once per several checks, with the plan writes besides.
-    commands = d.usage.total["adaptive"]
-    assert commands / max(1, check["checks_here"]) <= 0.3, (commands, check["checks_here"])
+    # Checks batch: the take script runs once per several checks (the planner's writes are counted apart:
+    # with time compressed it writes every second here, in production every minute or ten).
+    takes = d.usage.total["adaptive"] - 1  # the last call, at stop, only records outcomes
+    assert takes / max(1, check["checks_here"]) <= 0.25, (takes, check["checks_here"])
 
 
 async def test_two_daemons_share_the_budget_and_the_minimum_interval(world: World) -> None:
@@ -380,9 +381,9 @@ async def test_the_daemon_runs_adaptive_checking_and_reports_its_schedule(world:
 
 async def test_an_idle_daemon_spends_nothing_on_adaptive_checking(world: World) -> None:
     """With nothing watched, the planner reads Postgres but writes nothing to Redis, and the taker waits for
-    it instead of polling: one take call at start, then none."""
+    it instead of polling: no adaptive command at all."""
     world.serve()
     d = await world.dispatcher(**FAST, plan_every_s=0.2)
     await run_for(2, d)
     assert d.usage.total["adaptive_plan"] == 0
-    assert d.usage.total["adaptive"] <= 1
+    assert d.usage.total["adaptive"] == 0

@@ -19,11 +19,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator, Sequence

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from daemon.breaker import BreakerConfig, CircuitBreaker
-from daemon.lock import CronLock
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.lock import CronLock
+from daemon.runtime.report import breaker_view, iso
 from tests.support.procs import daemon_env, run_cli
 from tests.support.seed import add_user, add_watch, clear
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
     from tests.support.stubs import ScraperStub
 
 
@@ -147,3 +148,19 @@ async def test_dlq_list_requeue_purge(env: dict[str, str], redis_clients: RedisC
     missing = run_cli("dlq", "requeue", "0-1", env=env)
     assert missing.returncode == 1
     assert "not found 1" in missing.stdout
+
+
+async def test_status_shows_breaker_times_as_health_does(
+    env: dict[str, str], redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """`status --json` gives the breaker's last_failure and last_state_change as ISO time, the view health uses."""
+    breaker = CircuitBreaker(redis_clients.client("breaker"), keys, scripts, BreakerConfig(failures=1))
+    opened = await breaker.record([("f", "")])
+    result = run_cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    shown = orjson.loads(result.stdout)["breaker"]
+    assert shown == {**breaker_view(opened), "retry_after_s": shown["retry_after_s"]}
+    assert shown["state"] == "OPEN"
+    assert opened.last_failure_ms is not None
+    assert shown["last_failure"] == iso(opened.last_failure_ms / 1000)
+    assert str(shown["last_state_change"]).endswith("Z")

@@ -13,38 +13,18 @@ import redis.asyncio as aioredis
 
 from daemon.keys import Keys
 from daemon.scheduler import group_for, slot_id
-from tests.support.procs import DaemonProcess, NotifySocket, daemon_env, run_cli
+from tests.support.procs import Daemons, NotifySocket, daemon_env, run_cli
 from tests.support.proxy import postgres_proxy, redis_proxy
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import Reply, ResendStub, ScraperStub
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
-
     import asyncpg
 
 pytestmark = pytest.mark.slow
 
 TERM = "2261"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout_s}s")
 
 
 async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int = 1) -> list[str]:
@@ -85,7 +65,7 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """READY=1 on a real notify socket; `seatwatch tick --group even` checks only even sections and the
     owed email arrives; SIGTERM brings STOPPING=1 and exit 0."""
@@ -104,15 +84,14 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
             resend,
             **quiet_cron(),
         )
-        proc = DaemonProcess(daemon_vars, notify=notify).start()
-        procs.append(proc)
+        proc = daemons.start(daemon_vars, notify=notify)
         ready = notify.wait_for("READY=1")
         assert any(line.startswith("STATUS=") for line in ready.split("\n"))
 
         tick = run_cli("tick", "--group", "even", env=daemon_vars)
         assert tick.returncode == 0, tick.stderr
         assert "1 enqueued" in tick.stdout
-        await eventually(lambda: _true(len(resend.deliveries) == 1), what="the even section's email")
+        await eventually(lambda: _true(len(resend.deliveries) == 1), what="the even section's email", timeout_s=20)
         assert resend.delivered_to() == ["s12340-0@example.edu"]
         assert scraper.calls(TERM, "12341") == 0
 
@@ -134,7 +113,7 @@ async def test_start_runs_the_missed_slot_within_grace_and_checks_its_parity(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """A daemon started 5 minutes after a slot runs it once (the right parity group); the marker says done."""
     await clear(pool)
@@ -143,12 +122,11 @@ async def test_start_runs_the_missed_slot_within_grace_and_checks_its_parity(
         scraper.set(TERM, class_nbr, seats=1)
     slot = (datetime.now(UTC) - timedelta(minutes=5)).replace(second=0, microsecond=0)
     cron = f"{slot.minute} {slot.hour} * * *"
-    proc = DaemonProcess(
+    proc = daemons.start(
         env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_CRON=cron, SEATWATCH_TIMEZONE="UTC")
-    ).start()
-    procs.append(proc)
+    )
     expected = {"even": ["12342", "12344"], "odd": ["12343", "12345"]}[group_for(slot, "parity")]
-    await eventually(lambda: _true(len(resend.deliveries) == 2), what="the slot's emails")
+    await eventually(lambda: _true(len(resend.deliveries) == 2), what="the slot's emails", timeout_s=20)
     assert resend.delivered_to() == sorted(e for e in emails if e[1:6] in expected)
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -165,13 +143,13 @@ async def test_start_skips_a_slot_older_than_the_grace(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """A daemon started an hour after a slot (grace 600 s) does not run it."""
     await clear(pool)
     await watched(pool, ["12346", "12347"])
     slot = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-    proc = DaemonProcess(
+    proc = daemons.start(
         env(
             redis_url,
             database_url,
@@ -181,8 +159,7 @@ async def test_start_skips_a_slot_older_than_the_grace(
             SEATWATCH_CRON=f"{slot.minute} {slot.hour} * * *",
             SEATWATCH_TIMEZONE="UTC",
         )
-    ).start()
-    procs.append(proc)
+    )
     proc.wait_for_log("no cron slot within the misfire grace")
     await asyncio.sleep(1)
     assert scraper.requests == []
@@ -196,7 +173,7 @@ async def test_two_daemons_run_each_slot_once(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """Two daemons on one Redis and one cron slot: one tick, every section checked exactly once."""
     await clear(pool)
@@ -205,31 +182,31 @@ async def test_two_daemons_run_each_slot_once(
     for class_nbr in sections:
         scraper.set(TERM, class_nbr, seats=1)
     for n in range(2):
-        procs.append(
-            DaemonProcess(
-                env(
-                    redis_url,
-                    database_url,
-                    prefix,
-                    scraper,
-                    resend,
-                    SEATWATCH_CRON="* * * * *",
-                    SEATWATCH_TIMEZONE="UTC",
-                    SEATWATCH_STAGGER="none",
-                    SEATWATCH_CONSUMER=f"twin-{n}",
-                    SEATWATCH_LOCK_TTL_S="50",
-                )
-            ).start()
+        daemons.start(
+            env(
+                redis_url,
+                database_url,
+                prefix,
+                scraper,
+                resend,
+                SEATWATCH_CRON="* * * * *",
+                SEATWATCH_TIMEZONE="UTC",
+                SEATWATCH_STAGGER="none",
+                SEATWATCH_CONSUMER=f"twin-{n}",
+                SEATWATCH_LOCK_TTL_S="50",
+            )
         )
     try:
-        await eventually(lambda: _true(len(resend.deliveries) == len(sections)), what="every section's email")
+        await eventually(
+            lambda: _true(len(resend.deliveries) == len(sections)), what="every section's email", timeout_s=20
+        )
     except AssertionError:
-        raise AssertionError("\n".join(p.logs() for p in procs)) from None
+        raise AssertionError(daemons.logs()) from None
     await asyncio.sleep(1.5)
     assert sorted(d.message["to"][0] for d in resend.deliveries) == sorted(f"s{c}-0@example.edu" for c in sections)
     ticked = [
         line.split("daemon.scheduler: tick ")[1].split(" ")[0]
-        for proc in procs
+        for proc in daemons.started
         for line in proc.logs().splitlines()
         if "daemon.scheduler: tick " in line
     ]
@@ -237,7 +214,7 @@ async def test_two_daemons_run_each_slot_once(
     assert len(ticked) == len(set(ticked)), ticked  # no slot ran twice
     for class_nbr in sections:
         assert scraper.calls(TERM, class_nbr) == len(ticked)
-    for proc in procs:
+    for proc in daemons.started:
         assert proc.stop() == 0
 
 
@@ -248,7 +225,7 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """SIGTERM while slow scrapes run: exit 0 within the grace, and after a restart every email arrives once."""
     await clear(pool)
@@ -265,19 +242,17 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
         SEATWATCH_CONCURRENCY="4",
         **quiet_cron(),
     )
-    proc = DaemonProcess(daemon_vars).start()
-    procs.append(proc)
+    proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(scraper.requests) >= 2), what="scrapes in flight")
+    await eventually(lambda: _true(len(scraper.requests) >= 2), what="scrapes in flight", timeout_s=20)
     started = time.monotonic()
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert time.monotonic() - started < 10
     assert "draining" in proc.logs()
 
-    again = DaemonProcess(daemon_vars).start()
-    procs.append(again)
+    again = daemons.start(daemon_vars)
     await eventually(lambda: _true(len(resend.deliveries) == len(sections)), timeout_s=30, what="every email")
     await asyncio.sleep(1)
     assert resend.delivered_to() == emails
@@ -297,7 +272,7 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """SIGKILL while Resend holds the batch's answer: the restart resends the same batch, delivered once."""
     await clear(pool)
@@ -313,22 +288,20 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
         resend,
         **quiet_cron(),
     )
-    proc = DaemonProcess(daemon_vars).start()
-    procs.append(proc)
+    proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(resend.requests) == 1), what="the first batch request")
+    await eventually(lambda: _true(len(resend.requests) == 1), what="the first batch request", timeout_s=20)
     proc.kill()
     assert len(resend.deliveries) == 2
     assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status = 'pending'") == 2
 
-    again = DaemonProcess(daemon_vars).start()
-    procs.append(again)
+    again = daemons.start(daemon_vars)
 
     async def sent() -> bool:
         return bool(await pool.fetchval("SELECT count(*) = 2 FROM seatwatch_outbox WHERE status = 'sent'"))
 
-    await eventually(sent, what="the outbox rows marked sent")
+    await eventually(sent, what="the outbox rows marked sent", timeout_s=20)
     keys = {r.headers["Idempotency-Key"] for r in resend.requests}
     assert len(resend.requests) == 2
     assert len(keys) == 1
@@ -343,7 +316,7 @@ async def test_killed_before_commit_sends_once_after_restart(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """SIGKILL while the scrape is in flight: nothing was committed; the restart resumes the job, one email."""
     await clear(pool)
@@ -357,17 +330,15 @@ async def test_killed_before_commit_sends_once_after_restart(
         resend,
         **quiet_cron(),
     )
-    proc = DaemonProcess(daemon_vars).start()
-    procs.append(proc)
+    proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(scraper.requests) == 1), what="the scrape in flight")
+    await eventually(lambda: _true(len(scraper.requests) == 1), what="the scrape in flight", timeout_s=20)
     proc.kill()
     assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox") == 0
 
-    again = DaemonProcess(daemon_vars).start()
-    procs.append(again)
-    await eventually(lambda: _true(len(resend.deliveries) == 1), what="the email after restart")
+    again = daemons.start(daemon_vars)
+    await eventually(lambda: _true(len(resend.deliveries) == 1), what="the email after restart", timeout_s=20)
     again.wait_for_log("resumed 1 unacknowledged jobs")
     await asyncio.sleep(1)
     assert resend.delivered_to() == ["s12372-0@example.edu"]
@@ -381,7 +352,7 @@ async def test_health_follows_redis_and_postgres_outages_without_restart(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """Health is 200, then 500 while Redis (then Postgres) is cut off, then 200 again, same process; work resumes."""
     await clear(pool)
@@ -398,8 +369,7 @@ async def test_health_follows_redis_and_postgres_outages_without_restart(
             resend,
             **quiet_cron(),
         )
-        proc = DaemonProcess(daemon_vars).start()
-        procs.append(proc)
+        proc = daemons.start(daemon_vars)
         body = proc.wait_healthy()
         assert body["checks"]["redis"]["status"] == "healthy"
 
@@ -432,6 +402,7 @@ async def test_port_in_use_fails_start_clearly(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
+    daemons: Daemons,
 ) -> None:
     """A health port already bound makes `run` exit 1 naming the address."""
     import socket
@@ -440,8 +411,8 @@ async def test_port_in_use_fails_start_clearly(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = DaemonProcess(
+        proc = daemons.start(
             env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_HEALTH_LISTEN=f"127.0.0.1:{port}")
-        ).start()
+        )
         assert proc.wait(20) == 1
         assert f"127.0.0.1:{port}" in proc.logs()

@@ -17,12 +17,13 @@ import anyio
 import asyncpg
 import httpx
 import pytest
+import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.embedded import RedisServer
-from daemon.usage import FREE_COMMANDS
+from daemon.commands.embedded import RedisServer
+from daemon.primitives.clients import FREE_COMMANDS
 from tests.conftest import delete_prefix
-from tests.support.procs import SIGNING_KEY, DaemonProcess, daemon_env, run_cli
+from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, daemon_env, run_cli
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
 if TYPE_CHECKING:
@@ -58,18 +59,10 @@ def with_password(url: str) -> str:
 
 
 @pytest.fixture
-def start_daemon() -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
+def start_daemon(daemons: Daemons) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
     """Starts daemons that are healthy; SIGTERMs them (and checks they exit 0) at teardown."""
-    started: list[DaemonProcess] = []
-
-    def start(env: dict[str, str]) -> DaemonProcess:
-        daemon = DaemonProcess(env).start()
-        started.append(daemon)
-        daemon.wait_healthy()
-        return daemon
-
-    yield start
-    for daemon in started:
+    yield lambda env: daemons.start(env, healthy=True)
+    for daemon in daemons.started:
         assert daemon.stop() == 0, daemon.logs()
 
 
@@ -77,6 +70,15 @@ def start_daemon() -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
 async def clean_prefix(redis_url: str, prefix: str) -> AsyncIterator[str]:
     yield prefix
     await delete_prefix(redis_url, prefix)
+
+
+def blocked_reader(url: str, timeout_s: float = 10) -> None:
+    """Wait until a client of the (private) Redis at ``url`` blocks on a command: the daemon's stream reader."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.closing(redis_sync.Redis.from_url(url)) as client:
+        while int(client.info("clients")["blocked_clients"]) < 1:
+            assert time.monotonic() < deadline, "the daemon's reader never blocked on the stream"
+            time.sleep(0.02)
 
 
 def metric_values(text: str, name: str) -> dict[str, float]:
@@ -231,7 +233,8 @@ def test_health_probes_cost_no_redis_commands(
         )
         daemon = start_daemon(env)
         metrics_url = daemon.health_url.replace("/api/monitoring/health", "/metrics")
-        time.sleep(1.0)  # let start-up traffic (group creation, resume, first blocking read) finish
+        # Start-up traffic (group creation, resume, the first cycle) is over once the reader blocks on the stream.
+        blocked_reader(redis.url)
         monitor = Monitor(redis.port)
         try:
             with httpx.Client(timeout=5) as client:

@@ -19,10 +19,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.breaker import BreakerState
-from daemon.health import MAX_REQUESTS_PER_CONNECTION, HealthReport, HealthServer, iso
-from daemon.metrics import Metrics
-from daemon.queue import QueueStats
+from daemon.primitives.breaker import BreakerState
+from daemon.primitives.queue import QueueStats
+from daemon.runtime.health import MAX_REQUESTS_PER_CONNECTION, HealthServer
+from daemon.runtime.metrics import Metrics
+from daemon.runtime.report import HealthReport, iso
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

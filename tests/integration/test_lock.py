@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
-from daemon.lock import SLOT_MARKER_TTL_MS, CronLock, Grant, LockBusy, SlotDone
-from daemon.usage import RedisClients
+from daemon.errors import LockBusy, SlotDone
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import SLOT_MARKER_TTL_MS, CronLock, Grant
 
 if TYPE_CHECKING:
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import CountingRedis
+    from daemon.primitives.clients import CountingRedis
+    from daemon.primitives.scripts import Scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 """Migrations on real Postgres: an empty database, the production schema, reruns, races, poolers, the CLI.
 
 The production case loads ``tests/fixtures/legacy_schema.sql`` (the original web app's schema, written
-independently of ``daemon/sql``) and compares a catalog snapshot of every object before and after: SPEC §6
+independently of ``daemon/store/sql``) and compares a catalog snapshot of every object before and after: SPEC §6
 says migrations are additive only.
 """
 
@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import pytest
 
-from daemon import db
+from daemon.store import db
+from daemon.store.migrations import migrate, migrations, pending_migrations
+from daemon.store.pool import connect, connect_options
 from tests.support.procs import run_cli
 
 if TYPE_CHECKING:
@@ -171,7 +173,7 @@ def is_seatwatch_owned(key: Key) -> bool:
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
 
-MIGRATION_NAMES: Final = [m.name for m in db.migrations()]
+MIGRATION_NAMES: Final = [m.name for m in migrations()]
 
 USER_A: Final = "00000000-0000-4000-8000-00000000000a"
 USER_B: Final = "00000000-0000-4000-8000-00000000000b"
@@ -234,7 +236,7 @@ async def start_database_url(request: pytest.FixtureRequest, empty_database_url:
 
 @pytest.fixture
 async def conn_to_empty(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await db.connect(empty_database_url)
+    conn = await connect(empty_database_url)
     try:
         yield conn
     finally:
@@ -458,7 +460,7 @@ async def assert_full_schema(conn: asyncpg.Connection) -> None:
         assert await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", "public." + function), function
 
     ledger = await conn.fetch("SELECT name, checksum FROM seatwatch_migrations ORDER BY name")
-    assert [(r["name"], r["checksum"]) for r in ledger] == [(m.name, m.checksum) for m in db.migrations()]
+    assert [(r["name"], r["checksum"]) for r in ledger] == [(m.name, m.checksum) for m in migrations()]
 
 
 # -- an empty database ---------------------------------------------------------------------------------
@@ -469,17 +471,17 @@ async def test_migrate_on_empty_database_creates_everything(conn_to_empty: async
     assert await conn_to_empty.fetchval("SELECT to_regnamespace('auth')") is None
 
     assert MIGRATION_NAMES[:2] == ["0001_base_schema", "0002_seatwatch"]
-    assert await db.migrate(conn_to_empty) == MIGRATION_NAMES
+    assert await migrate(conn_to_empty) == MIGRATION_NAMES
 
     await assert_full_schema(conn_to_empty)
-    assert await db.pending_migrations(conn_to_empty) == []
+    assert await pending_migrations(conn_to_empty) == []
 
 
 async def test_class_states_trigger_moves_changed_at_only_for_seats_or_instructor(
     conn_to_empty: asyncpg.Connection,
 ) -> None:
     """The class_states trigger moves last_changed_at only on a seats/instructor change, last_checked_at always."""
-    await db.migrate(conn_to_empty)
+    await migrate(conn_to_empty)
     await conn_to_empty.execute(
         """
         INSERT INTO class_states (term, subject, catalog_nbr, class_nbr, instructor_name, seats_available,
@@ -513,12 +515,12 @@ async def test_class_states_trigger_moves_changed_at_only_for_seats_or_instructo
 
 async def test_second_migrate_is_a_no_op(start_database_url: str) -> None:
     """A second migrate applies nothing and leaves every catalog entry and row exactly as it was."""
-    conn = await db.connect(start_database_url)
+    conn = await connect(start_database_url)
     try:
-        assert await db.migrate(conn) == MIGRATION_NAMES
+        assert await migrate(conn) == MIGRATION_NAMES
         catalog, data = await catalog_snapshot(conn), await data_snapshot(conn)
 
-        assert await db.migrate(conn) == []
+        assert await migrate(conn) == []
 
         assert await catalog_snapshot(conn) == catalog
         assert await data_snapshot(conn) == data
@@ -531,7 +533,7 @@ async def test_second_migrate_is_a_no_op(start_database_url: str) -> None:
 
 async def test_migrate_on_production_schema_changes_nothing_that_exists(legacy_database_url: str) -> None:
     """On the original schema migrate leaves every existing definition, grant, policy and row unchanged."""
-    conn = await db.connect(legacy_database_url)
+    conn = await connect(legacy_database_url)
     try:
         before = await catalog_snapshot(conn)
         existing_tables = await base_tables(conn)
@@ -540,7 +542,7 @@ async def test_migrate_on_production_schema_changes_nothing_that_exists(legacy_d
         assert len(before["policies"]) >= 5
         assert len(before["table_grants"]) >= 10
 
-        assert await db.migrate(conn) == MIGRATION_NAMES
+        assert await migrate(conn) == MIGRATION_NAMES
 
         after = await catalog_snapshot(conn)
         changed = [
@@ -557,10 +559,10 @@ async def test_migrate_on_production_schema_changes_nothing_that_exists(legacy_d
 
 async def test_migrate_on_production_schema_adds_only_seatwatch_objects(legacy_database_url: str) -> None:
     """On the original schema every object migrate adds is seatwatch's own: no duplicate index, column or trigger."""
-    conn = await db.connect(legacy_database_url)
+    conn = await connect(legacy_database_url)
     try:
         before = await catalog_snapshot(conn)
-        await db.migrate(conn)
+        await migrate(conn)
         after = await catalog_snapshot(conn)
     finally:
         await conn.close()
@@ -577,9 +579,9 @@ async def test_migrate_on_production_schema_adds_only_seatwatch_objects(legacy_d
 
 async def test_legacy_functions_keep_their_original_bodies_after_migrate(legacy_database_url: str) -> None:
     """After migrate the web app's own functions and triggers still behave as the original ones did."""
-    conn = await db.connect(legacy_database_url)
+    conn = await connect(legacy_database_url)
     try:
-        await db.migrate(conn)
+        await migrate(conn)
         # The original casts the last character: a class number ending in a letter breaks the parity groups.
         with pytest.raises(asyncpg.InvalidTextRepresentationError):
             await conn.fetch("SELECT * FROM get_sections_to_check('even')")
@@ -597,9 +599,9 @@ async def test_legacy_functions_keep_their_original_bodies_after_migrate(legacy_
 
 async def test_seatwatch_functions_work_on_production_schema(legacy_database_url: str) -> None:
     """seatwatch's functions run against the original tables (varchar emails, the legacy trigger, profiles)."""
-    conn = await db.connect(legacy_database_url)
+    conn = await connect(legacy_database_url)
     try:
-        await db.migrate(conn)
+        await migrate(conn)
         assert ("2261", "3318A") in await db.sections_to_check(conn, "even")
 
         async with conn.transaction():
@@ -634,9 +636,9 @@ async def test_seatwatch_functions_work_on_production_schema(legacy_database_url
 
 async def test_seatwatch_objects_are_closed_to_supabase_client_roles(legacy_database_url: str) -> None:
     """Under Supabase's default grants, anon/authenticated can't call seatwatch's functions or read its rows."""
-    conn = await db.connect(legacy_database_url)
+    conn = await connect(legacy_database_url)
     try:
-        await db.migrate(conn)
+        await migrate(conn)
         for role in ("anon", "authenticated"):
             for function in SEATWATCH_FUNCTIONS:
                 assert not await conn.fetchval(
@@ -661,9 +663,9 @@ async def test_seatwatch_objects_are_closed_to_supabase_client_roles(legacy_data
 
 async def test_concurrent_migrations_apply_each_file_once(empty_database_url: str) -> None:
     """Two migrate calls racing on two connections both succeed; each migration runs and is recorded once."""
-    first, second = await db.connect(empty_database_url), await db.connect(empty_database_url)
+    first, second = await connect(empty_database_url), await connect(empty_database_url)
     try:
-        results = await asyncio.gather(db.migrate(first), db.migrate(second))
+        results = await asyncio.gather(migrate(first), migrate(second))
         assert sorted(results, key=len) == [[], MIGRATION_NAMES]
         counts = await first.fetch("SELECT name, count(*) AS n FROM seatwatch_migrations GROUP BY name ORDER BY name")
         assert [(r["name"], r["n"]) for r in counts] == [(name, 1) for name in MIGRATION_NAMES]
@@ -685,7 +687,7 @@ async def test_concurrent_migrate_processes_apply_each_file_once(empty_database_
     last_lines = sorted(result.stdout.strip().splitlines()[-1] for result in results)
     assert last_lines == ["applied: " + ", ".join(MIGRATION_NAMES), "nothing to do: every migration is applied"]
 
-    conn = await db.connect(empty_database_url)
+    conn = await connect(empty_database_url)
     try:
         counts = await conn.fetch("SELECT name, count(*) AS n FROM seatwatch_migrations GROUP BY name ORDER BY name")
         assert [(r["name"], r["n"]) for r in counts] == [(name, 1) for name in MIGRATION_NAMES]
@@ -707,7 +709,7 @@ async def test_concurrent_migrate_processes_apply_each_file_once(empty_database_
 )
 def test_connect_options_disable_statement_cache_only_for_transaction_pooler(dsn: str, cache_off: bool) -> None:
     """Port 6543 (transaction-mode pooler) turns asyncpg's statement cache off; 5432 or no port keeps it."""
-    options = db.connect_options(dsn)
+    options = connect_options(dsn)
     assert options["dsn"] == dsn
     if cache_off:
         assert options["statement_cache_size"] == 0
@@ -719,9 +721,9 @@ async def test_migrate_works_without_statement_cache(empty_database_url: str) ->
     """migrate and seatwatch's calls work on a connection with the statement cache off (transaction pooler)."""
     conn = await asyncpg.connect(empty_database_url, statement_cache_size=0)
     try:
-        assert await db.migrate(conn) == MIGRATION_NAMES
-        assert await db.migrate(conn) == []
-        assert await db.pending_migrations(conn) == []
+        assert await migrate(conn) == MIGRATION_NAMES
+        assert await migrate(conn) == []
+        assert await pending_migrations(conn) == []
         assert await db.sections_to_check(conn, "all") == []
         await assert_full_schema(conn)
     finally:
@@ -740,7 +742,7 @@ async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database_url: st
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip().splitlines()[-1] == "nothing to do: every migration is applied"
 
-    conn = await db.connect(empty_database_url)
+    conn = await connect(empty_database_url)
     try:
         await assert_full_schema(conn)
     finally:
@@ -748,8 +750,8 @@ async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database_url: st
 
 
 def test_legacy_fixture_is_independent_of_seatwatch_sql() -> None:
-    """The legacy fixture's index and trigger names differ from daemon/sql's, so a duplicate would show."""
-    ours = "\n".join(m.sql for m in db.migrations())
+    """The legacy fixture's index and trigger names differ from daemon/store/sql's, so a duplicate would show."""
+    ours = "\n".join(m.sql for m in migrations())
     legacy_names = set(re.findall(r"CREATE (?:UNIQUE )?(?:INDEX|TRIGGER) (\w+)", LEGACY_SQL))
     seatwatch_names = set(re.findall(r"CREATE (?:UNIQUE )?(?:INDEX|TRIGGER) (?:IF NOT EXISTS )?(\w+)", ours))
     assert legacy_names

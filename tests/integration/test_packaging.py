@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.db import migrations
-from daemon.scripts import SCRIPTS, source
+from daemon.primitives.scripts import SCRIPTS, source
+from daemon.store.migrations import migrations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +27,10 @@ def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("seatwatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    lua = {p.name for p in (ROOT / "daemon" / "lua").glob("*.lua")}
-    assert {f"daemon/lua/{name}" for name in lua} <= names
-    assert {f"daemon/lua/{name}.lua" for name in SCRIPTS} <= names
-    assert {f"daemon/sql/{m.name}.sql" for m in migrations()} <= names
+    lua = {p.name for p in (ROOT / "daemon" / "primitives" / "lua").glob("*.lua")}
+    assert {f"daemon/primitives/lua/{name}" for name in lua} <= names
+    assert {f"daemon/primitives/lua/{name}.lua" for name in SCRIPTS} <= names
+    assert {f"daemon/store/sql/{m.name}.sql" for m in migrations()} <= names
     assert "daemon/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "seatwatch = daemon.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -38,7 +38,7 @@ def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
 
 def test_every_script_resolves_its_includes() -> None:
     """Each script's includes name library files that exist, and the loaded source starts with their text."""
-    folder = ROOT / "daemon" / "lua"
+    folder = ROOT / "daemon" / "primitives" / "lua"
     for name in SCRIPTS:
         text = (folder / f"{name}.lua").read_text()
         includes = re.findall(r"^-- include: (\w+)$", text, re.MULTILINE)

@@ -10,14 +10,16 @@ import httpx
 import orjson
 import pytest
 
-from daemon import db
+from daemon.consumer import Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
-from daemon.mailer import Renderer, ResendTransport, unsubscribe_token
-from daemon.metrics import Metrics
+from daemon.jobs import Job
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
-from daemon.queue import Job, Ticket
-from daemon.scraper import Scraper
+from daemon.runtime.metrics import Metrics
+from daemon.store.pool import create_pool
+from daemon.upstream.render import Renderer, unsubscribe_token
+from daemon.upstream.resend import ResendTransport
+from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub, ScraperStub, section_data
@@ -289,7 +291,7 @@ async def test_email_contents_and_unsubscribe_token(world: World) -> None:
 async def test_round_trips_per_section(world: World, database_url: str) -> None:
     """Warm statements: no change is BEGIN, observe, COMMIT; a fill adds the claim reset; an opening the insert too."""
     await add_watch(world.pool, await add_user(world.pool, "rt@example.edu"), TERM, "12458")
-    single = await db.create_pool(database_url, min_size=1, max_size=1)
+    single = await create_pool(database_url, min_size=1, max_size=1)
     try:
         world.pipeline.pool = single
         await world.check("12458", seats=0)

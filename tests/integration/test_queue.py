@@ -8,7 +8,6 @@ live in ``test_queue_processes.py``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,17 +16,21 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from daemon import queue as queue_module
-from daemon.breaker import BreakerConfig, CircuitBreaker
+from daemon.consumer import Consumer, Handler, Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
-from daemon.queue import Consumer, Done, Handler, Malformed, Queue, Ticket
+from daemon.jobs import Done, Malformed
+from daemon.primitives import queue as queue_module
+from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
+from daemon.primitives.queue import Queue
+from tests.support.entries import MALFORMED, fields
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 TERM = "2261"
 FAST_BREAKER = BreakerConfig(failures=3, recovery_s=1.0, successes=1, half_open_max=2, trial_ttl_s=3)
@@ -98,20 +101,6 @@ async def consuming(*consumers: Consumer, stop_within_s: float = 15) -> AsyncIte
         finally:
             stopping.set()
             tg.cancel_scope.deadline = anyio.current_time() + stop_within_s
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float = 10, what: str = "condition") -> None:
-    """Wait until ``check()`` (sync or async) is truthy."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await anyio.sleep(0.02)
 
 
 class Recorder:
@@ -740,3 +729,29 @@ async def test_busy_consumer_spends_at_most_one_command_per_job(
         await eventually(lambda: drained(r, queue.keys), what="the last acks")
         spent = sum(redis_clients.usage.total.values()) - before
     assert spent <= 400, f"{spent} commands for 400 jobs"
+
+
+async def test_every_malformed_entry_gets_the_same_reason_on_both_read_paths(
+    redis_clients: RedisClients, keys: Keys, scripts: Scripts
+) -> None:
+    """Each entry of the validation table is rejected with its reason by the blocking read (Python's parse_entry)
+    and by the cycle script's own read (Lua's q_not_a_job); a valid entry is a job on both."""
+    queue = Queue(
+        redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="c1"
+    )
+    await queue.ensure_group()
+    admin = redis_clients.client("admin")
+    # XADD needs at least one field, so the table's empty entry travels with an unrelated one.
+    table = [(entry or {"other": "x"}, reason) for entry, reason in MALFORMED] + [(fields(), None)]
+    for entry, reason in table:
+        await admin.xadd(keys.stream, entry)  # type: ignore[arg-type]
+        (read,) = await queue.read(1, 0.1)
+        assert (read.reason if isinstance(read, Malformed) else None) == reason, (entry, "python")
+        await admin.xadd(keys.stream, entry)  # type: ignore[arg-type]
+        # Settling the first read (as poison, or as acknowledged) and fetching the second in one call.
+        settle = Done(read, "poison", error=read.reason) if isinstance(read, Malformed) else Done(read, "ack")
+        result = await queue.cycle([], [settle], [], fetch=1)
+        lua: list[str | None] = [why for _, why in result.poisoned] or [None]
+        assert lua == [reason], (entry, "lua")
+        if result.fetched:
+            await queue.cycle([], [Done(result.fetched[0], "ack")], [])

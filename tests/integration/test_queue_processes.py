@@ -18,15 +18,16 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.queue import Queue
+from daemon.primitives.queue import Queue
 from tests.support.queue_worker import done_key, parse_record, ready_key, started_key
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Iterator
 
     from daemon.keys import Keys
-    from daemon.scripts import Scripts
-    from daemon.usage import RedisClients
+    from daemon.primitives.clients import RedisClients
+    from daemon.primitives.scripts import Scripts
 
 pytestmark = pytest.mark.slow
 
@@ -115,19 +116,6 @@ async def queue(redis_clients: RedisClients, keys: Keys, scripts: Scripts) -> Qu
     )
     await made.ensure_group()
     return made
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if hasattr(result, "__await__"):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await anyio.sleep(0.02)
 
 
 async def records(r: aioredis.Redis, key: str) -> list[tuple[str, int, str]]:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import pytest
 import redis.exceptions
 
-from daemon.embedded import RedisServer
+from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
-from daemon.lock import CronLock
-from daemon.scripts import SCRIPTS, Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
+from daemon.primitives.scripts import SCRIPTS, Scripts
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -432,10 +432,13 @@ BASE: Final[dict[str, Any]] = {
 
 
 async def observe(conn: asyncpg.Connection, term: str, class_nbr: str, **changes: Any) -> tuple[Any, ...]:
-    """seatwatch_observe with BASE overridden by ``changes``; returns (source, instructor, seats, non-reserved)."""
+    """seatwatch_observe_v2 (the pipeline's) with BASE overridden by ``changes``.
+
+    Returns (source, instructor, seats, non-reserved) of the previous state.
+    """
     data = {**BASE, **changes}
     row = await conn.fetchrow(
-        "SELECT * FROM seatwatch_observe($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM seatwatch_observe_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         term,
         class_nbr,
         *data.values(),
@@ -548,6 +551,34 @@ async def test_observe_mirrors_every_field_into_class_states(conn: asyncpg.Conne
     assert tuple(kept) == tuple(fall_data.values())
 
 
+async def test_observe_v2_fills_unknown_course_code_and_keeps_the_known_instructor(conn: asyncpg.Connection) -> None:
+    """Unknown subject/catalog fall back to the previous, else ''; an unknown instructor keeps the known name."""
+    term, class_nbr = new_term(), new_class_nbr()
+    assert await observe(conn, term, class_nbr, subject=None, catalog_nbr=None, instructor=None) == NOTHING
+    row = await conn.fetchrow(
+        "SELECT subject, catalog_nbr, instructor_name FROM seatwatch_section_states WHERE term = $1 AND class_nbr = $2",
+        term,
+        class_nbr,
+    )
+    assert row is not None
+    assert tuple(row) == ("", "", None)
+    await observe(conn, term, class_nbr)  # CSE 110, Staff
+    assert await observe(conn, term, class_nbr, subject=None, catalog_nbr=None, instructor=None) == (
+        "seatwatch",
+        "Staff",
+        0,
+        None,
+    )
+    for table in ("seatwatch_section_states", "class_states"):
+        kept = await conn.fetchrow(
+            f"SELECT subject, catalog_nbr, instructor_name FROM {table} WHERE term = $1 AND class_nbr = $2",
+            term,
+            class_nbr,
+        )
+        assert kept is not None
+        assert tuple(kept) == ("CSE", "110", "Staff")
+
+
 async def test_observe_mirror_fires_the_class_states_trigger(conn: asyncpg.Connection) -> None:
     """The class_states mirror goes through its trigger: last_changed_at moves on seats/instructor only."""
     term, class_nbr = new_term(), new_class_nbr()
@@ -578,7 +609,7 @@ async def test_observe_mirror_fires_the_class_states_trigger(conn: asyncpg.Conne
         ({"seats_available": 4}, True),
         ({"non_reserved_seats": 0}, True),
         ({"instructor": "Ada L"}, True),
-        ({"instructor": None}, True),
+        ({"instructor": None}, False),  # unknown: the known instructor is kept (issue 9)
         ({"location": "COOR 170"}, False),
         ({"title": "Renamed"}, False),
         ({"meeting_times": "TTh 1:30PM-2:45PM"}, False),

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from daemon.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
+from daemon.errors import LockBusy
 from daemon.keys import Keys
-from daemon.lock import CronLock, LockBusy
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig, BreakerState, CircuitBreaker, OutcomeKind
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
+from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN
 
 SIGNING_KEY = "test-signing-key-3c2b1a"
@@ -176,6 +176,40 @@ class DaemonProcess:
             self.assert_running()
             time.sleep(0.1)
         raise AssertionError(f"{text!r} not logged within {timeout_s}s\n{self.logs()}")
+
+
+class Daemons:
+    """What the ``daemons`` fixture hands a test: ``start`` a ``seatwatch run`` process; any left running at the end
+    of the test is killed (a test that means to stop one says so, and checks its exit status)."""
+
+    def __init__(self) -> None:
+        self.started: list[DaemonProcess] = []
+
+    def start(
+        self,
+        env: dict[str, str],
+        *,
+        notify: NotifySocket | None = None,
+        args: tuple[str, ...] = ("run",),
+        healthy: bool = False,
+    ) -> DaemonProcess:
+        """Start a daemon with ``env``; with ``healthy``, wait until its health endpoint answers 200."""
+        proc = DaemonProcess(env, notify=notify, args=args).start()
+        self.started.append(proc)
+        if healthy:
+            proc.wait_healthy()
+        return proc
+
+    def logs(self) -> str:
+        """Every started daemon's log, for a failure message."""
+        return "\n".join(proc.logs() for proc in self.started)
+
+    def kill_all(self) -> None:
+        """Kill the daemons still running."""
+        for proc in self.started:
+            if proc.process is not None and proc.process.poll() is None:
+                proc.process.kill()
+                proc.process.wait()
 
 
 def run_cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

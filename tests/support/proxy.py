@@ -13,7 +13,7 @@ import socket
 import threading
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from daemon.embedded import free_port
+from daemon.commands.embedded import free_port
 
 
 class TcpProxy:

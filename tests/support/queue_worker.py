@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.breaker import BreakerConfig
+from daemon.consumer import Consumer, Ticket
 from daemon.keys import Keys
-from daemon.queue import Consumer, Queue, Ticket
-from daemon.scripts import Scripts
-from daemon.usage import RedisClients
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.queue import Queue
+from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from daemon import embedded
+from daemon.commands import embedded
 
 
 def _answers(host: str, port: int) -> bool:

@@ -16,12 +16,12 @@ from daemon.config import (
     NEEDS_REDIS,
     NEEDS_STORES,
     Settings,
-    redact_url,
     scrape_url,
     secret_values,
     shortest_cron_gap_s,
 )
 from daemon.errors import ConfigError
+from daemon.secret import redact_url
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -711,7 +711,7 @@ def test_secret_values_skip_empty_and_short() -> None:
 )
 def test_passwords_with_slashes_ats_and_quotes_are_redacted(url: str, password: str) -> None:
     """A password holding '/', '@' or a quote is redacted whole and handed to the log scrubber."""
-    from daemon.config import url_passwords
+    from daemon.secret import url_passwords
 
     assert password not in redact_url(url)
     assert url_passwords(url) == [password]

@@ -15,7 +15,9 @@ from daemon.detect import (
 )
 
 
-def obs(seats: int = 0, non_reserved: int | None = None, instructor: str = "Staff", capacity: int = 40) -> Observation:
+def obs(
+    seats: int = 0, non_reserved: int | None = None, instructor: str | None = "Staff", capacity: int = 40
+) -> Observation:
     return Observation(
         subject="CSE",
         catalog_nbr="110",
@@ -53,7 +55,7 @@ def reference(previous: PreviousState | None, new: Observation) -> dict[str, boo
         if before > 0 and after == 0:
             result["filled"] = True
     if previous.instructor is not None and previous.instructor == "Staff":
-        name = new.instructor.strip()
+        name = "" if new.instructor is None else new.instructor.strip()
         if len(name) > 0 and name != "Staff":
             result["instructor"] = True
     return result
@@ -75,7 +77,7 @@ observations = st.builds(
     obs,
     seats=seat_counts,
     non_reserved=st.one_of(st.none(), seat_counts),
-    instructor=instructors,
+    instructor=st.one_of(st.none(), instructors),
 )
 
 

@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.detect import INSTRUCTOR_ASSIGNED, SEAT_AVAILABLE, Observation
-from daemon.mailer import Renderer, escape, to_eml, unsubscribe_token
+from daemon.upstream.files import to_eml
+from daemon.upstream.render import Renderer, escape, unsubscribe_token
 
 SITE = "https://pickmyclass.app"
 KEY = "signing-key-for-tests"
@@ -327,3 +328,24 @@ def test_eml_list_unsubscribe_header_is_plain() -> None:
     value = re.sub(r"\r?\n[ \t]+", " ", str(raw["List-Unsubscribe"]))
     assert value == f"<{SITE}/api/unsubscribe?token={rendered.token}>"
     assert raw["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+# -- unknown describing fields (SPEC §7.2) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [SEAT_AVAILABLE, INSTRUCTOR_ASSIGNED])
+def test_unknown_fields_are_left_out_never_shown_as_none(kind: str) -> None:
+    """Unknown title, instructor, location and meeting times are left out: no "None", no empty label."""
+    message = render(kind, title=None, instructor=None, location=None, meeting_times=None)
+    for part in (message["text"], message["html"]):
+        assert "None" not in part
+        for label in ("Instructor", "Location", "Meeting Times"):
+            assert f"{label}:" not in part
+        assert "Section:" in part
+    assert message["text"].splitlines()[0] == "CSE 110"
+
+
+def test_unknown_course_code_still_reads() -> None:
+    """With neither subject nor catalog number known (nor the watch's), the subject line still reads."""
+    message = render(SEAT_AVAILABLE, subject=None, catalog_nbr=None)
+    assert message["subject"] == "🎉 Seat Available: Class (12431)"

@@ -8,15 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.queue import Done, Job, Malformed, parse_entry, retry_delay_s
+from daemon.backoff import retry_delay_s
+from daemon.jobs import Done, Job, Malformed, parse_entry
+from tests.support.entries import MALFORMED, fields
 
 ENTRY = "1736960000000-0"
-
-
-def fields(**overrides: str) -> dict[str, str]:
-    base = {"id": "2261-12431", "term": "2261", "class_nbr": "12431", "attempts": "1", "enqueued_ms": "1736960000000"}
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v != "<absent>"}
+WIRE_FIELDS = ("entry_id", "id", "action", "delay_ms", "term", "class_nbr", "attempts", "enqueued_ms", "error", "raw")
 
 
 # -- parse_entry ---------------------------------------------------------------------------------------------
@@ -37,28 +34,7 @@ def test_parse_defaults_counts() -> None:
     assert (job.attempts, job.enqueued_ms, job.attempt) == (0, 0, 1)
 
 
-@pytest.mark.parametrize(
-    ("entry_fields", "reason"),
-    [
-        (fields(term="<absent>"), "malformed entry: no term or class_nbr"),
-        (fields(class_nbr="<absent>"), "malformed entry: no term or class_nbr"),
-        (fields(term=""), "malformed entry: no term or class_nbr"),
-        ({}, "malformed entry: no term or class_nbr"),
-        (fields(id="<absent>"), "malformed entry: id does not match term and class_nbr"),
-        (fields(id="2261-99999"), "malformed entry: id does not match term and class_nbr"),
-        (fields(id="12431-2261"), "malformed entry: id does not match term and class_nbr"),
-        (fields(term="22 61", id="22 61-12431"), "malformed entry: term or class_nbr is not printable ASCII"),
-        (fields(class_nbr="1243é", id="2261-1243é"), "malformed entry: term or class_nbr is not printable ASCII"),
-        (fields(attempts="two"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1.5"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="nan"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1e3"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(enqueued_ms="yesterday"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms is not a whole number"),
-        (fields(attempts="1001"), "malformed entry: attempts or enqueued_ms out of range"),
-        (fields(enqueued_ms=str(2**64)), "malformed entry: attempts or enqueued_ms out of range"),
-    ],
-)
+@pytest.mark.parametrize(("entry_fields", "reason"), MALFORMED)
 def test_parse_malformed(entry_fields: dict[str, str], reason: str) -> None:
     """Entries that are not jobs become Malformed with the reason, keeping the raw fields."""
     result = parse_entry(ENTRY, entry_fields)
@@ -112,39 +88,39 @@ JOB = Job(ENTRY, "2261-12431", "2261", "12431", 1, 1736960000000)
         ),
     ],
 )
-def test_done_lua_for_jobs(done: Done, expected: list[object]) -> None:
-    """A settled job is [eid, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, '']."""
-    assert done.lua() == expected
+def test_done_wire_for_jobs(done: Done, expected: list[object]) -> None:
+    """A settled job is {entry_id, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw: ''}."""
+    assert done.wire() == dict(zip(WIRE_FIELDS, expected, strict=True))
 
 
-def test_done_lua_for_malformed() -> None:
+def test_done_wire_for_malformed() -> None:
     """A malformed entry is sent as poison with its raw fields as JSON, whatever action was asked."""
     raw = {"id": "x", "junk": "y"}
     done = Done(Malformed(ENTRY, raw, "malformed entry: no term or class_nbr"), "poison", error="no term")
-    lua = done.lua()
-    assert lua[:9] == [ENTRY, "x", "poison", 0, "", "", 0, 0, "no term"]
-    assert json.loads(lua[9]) == raw
+    wire: dict[str, object] = dict(done.wire())
+    assert [wire[f] for f in WIRE_FIELDS[:9]] == [ENTRY, "x", "poison", 0, "", "", 0, 0, "no term"]
+    assert json.loads(str(wire["raw"])) == raw
 
 
-def test_done_lua_for_malformed_without_id() -> None:
+def test_done_wire_for_malformed_without_id() -> None:
     """A malformed entry without an id field is sent with an empty id."""
-    lua = Done(Malformed(ENTRY, {}, "malformed entry: no term or class_nbr"), "poison").lua()
-    assert lua[1] == ""
-    assert json.loads(lua[9]) == {}
+    wire = Done(Malformed(ENTRY, {}, "malformed entry: no term or class_nbr"), "poison").wire()
+    assert wire["id"] == ""
+    assert json.loads(wire["raw"]) == {}
 
 
 @given(delay_s=st.floats(min_value=0, max_value=86400))
 def test_done_delay_in_whole_ms(delay_s: float) -> None:
     """The delay goes to the script as a whole number of milliseconds, never more than asked."""
-    delay_ms = Done(JOB, "retry", delay_s=delay_s).lua()[3]
+    delay_ms = Done(JOB, "retry", delay_s=delay_s).wire()["delay_ms"]
     assert isinstance(delay_ms, int)
     assert delay_ms <= delay_s * 1000 < delay_ms + 1.000001
 
 
-def test_done_lua_is_json_serialisable() -> None:
-    """What lua() returns survives the JSON the script receives."""
+def test_done_wire_is_json_serialisable() -> None:
+    """What wire() returns survives the JSON the script receives."""
     done = Done(JOB, "retry", delay_s=1.5, error='quote " and \\ backslash', attempts=2)
-    assert json.loads(json.dumps(done.lua())) == done.lua()
+    assert json.loads(json.dumps(done.wire())) == done.wire()
 
 
 # -- retry_delay_s -------------------------------------------------------------------------------------------

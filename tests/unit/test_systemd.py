@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from daemon.systemd import Notifier, Progress, parse_timespan_s
+from daemon.runtime.systemd import Notifier, Progress, parse_timespan_s
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -130,7 +130,7 @@ def test_unreachable_socket_logs_and_continues(caplog: pytest.LogCaptureFixture)
     with tempfile.TemporaryDirectory(prefix="swn-") as folder:
         notifier = Notifier({"NOTIFY_SOCKET": str(Path(folder) / "gone")})
         try:
-            with caplog.at_level(logging.WARNING, logger="daemon.systemd"):
+            with caplog.at_level(logging.WARNING, logger="daemon.runtime.systemd"):
                 assert notifier.notify("WATCHDOG=1") is False
             assert any("sd_notify failed" in r.getMessage() for r in caplog.records)
         finally:

@@ -1,0 +1,1 @@
+"""The CLI's commands other than `run`: admin, checks, demo, embedded servers."""

@@ -1,0 +1,116 @@
+"""``seatwatch check``: the configuration is valid and every dependency answers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httpx
+import redis.exceptions
+
+from daemon.errors import error_name
+from daemon.primitives.clients import REDIS_ERRORS, RedisClients
+from daemon.primitives.scripts import Scripts
+from daemon.secret import redact_url
+from daemon.store.migrations import pending_migrations
+from daemon.store.pool import CONNECTION_ERRORS, connect, server_version
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
+Result = tuple[str, bool, str]
+
+
+async def run_checks(settings: Settings) -> list[Result]:
+    """``seatwatch check``: (name, ok, detail) for configuration, Postgres, Redis, scraper and email."""
+    results: list[Result] = [
+        (
+            "configuration",
+            True,
+            f"valid; cron {settings.cron!r} in {settings.timezone}, email via {settings.email_transport}",
+        )
+    ]
+    results.append(await _postgres(settings))
+    results.append(await _redis(settings))
+    results.append(await _scraper(settings))
+    results.append(_email(settings))
+    return results
+
+
+async def _postgres(settings: Settings) -> Result:
+    try:
+        conn = await connect(settings.database_url.reveal())
+    except (*CONNECTION_ERRORS, OSError) as exc:
+        return (
+            "postgres",
+            False,
+            f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}",
+        )
+    except Exception as exc:
+        return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
+    try:
+        version = await server_version(conn)
+        pending = await pending_migrations(conn)
+    finally:
+        await conn.close()
+    if pending:
+        return (
+            "postgres",
+            False,
+            f"PostgreSQL {version}; migrations not applied: {', '.join(pending)} (run seatwatch migrate)",
+        )
+    return ("postgres", True, f"PostgreSQL {version}; migrations up to date")
+
+
+async def _redis(settings: Settings) -> Result:
+    clients = RedisClients(settings.redis_url.reveal())
+    try:
+        client = clients.client("admin")
+        await client.ping()
+        info = await client.info("server")
+        await Scripts(client).load(client)
+        return (
+            "redis",
+            True,
+            f"Redis {info.get('redis_version', '?')}; {settings.redis_prefix}:* keys; scripts load",
+        )
+    except redis.exceptions.ResponseError as exc:
+        return ("redis", False, f"a script does not load: {exc}")
+    except (*REDIS_ERRORS, OSError) as exc:
+        return (
+            "redis",
+            False,
+            f"cannot reach {redact_url(settings.redis_url.reveal())}: {error_name(exc)}",
+        )
+    finally:
+        await clients.aclose()
+
+
+async def _scraper(settings: Settings) -> Result:
+    url = f"{settings.scraper_url.rstrip('/')}/health"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return ("scraper", False, f"cannot reach {redact_url(url)}: {exc.__class__.__name__}")
+    if response.status_code != 200:
+        return ("scraper", False, f"{redact_url(url)} answered {response.status_code}")
+    return ("scraper", True, f"{redact_url(url)} answered 200")
+
+
+def _email(settings: Settings) -> Result:
+    if settings.email_transport == "file":
+        folder = settings.outbox_dir
+        assert folder is not None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".seatwatch-check"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            return ("email", False, f"cannot write to {folder}: {exc.strerror}")
+        return ("email", True, f"file transport into {folder}")
+    return (
+        "email",
+        True,
+        f"Resend at {settings.resend_api_url} from {settings.from_email} (key set, not contacted)",
+    )

@@ -1,0 +1,1 @@
+"""Redis primitives: counted clients, Lua scripts, usage ledger, cron lock, breaker, queue."""

@@ -1,0 +1,306 @@
+"""The section queue on a Redis Stream, as a Redis primitive: each method is one command (mostly one script).
+
+At-least-once, deduplicated, reclaimed, retried, dead-lettered. Enqueue is deduplicated by job id while the
+job waits, runs or waits for a retry; ``cycle`` settles finished jobs, records their breaker outcomes and
+admits new entries in one atomic script call; ``maintain`` promotes due retries and requeues entries nobody
+acknowledged within the visibility timeout. The runtime that drives it is ``daemon.consumer``; what a job is
+and how it travels to Lua is ``daemon.jobs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import redis.exceptions
+
+from daemon.jobs import Done, Job, Malformed, job_from_wire, job_wire, parse_entry
+from daemon.primitives.breaker import BreakerConfig, BreakerState, trial_list
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from daemon.keys import Keys
+    from daemon.primitives.clients import CountingRedis
+    from daemon.primitives.scripts import Scripts
+
+logger = logging.getLogger(__name__)
+
+ENQUEUE_CHUNK: Final = 2000  # sections per enqueue script call (keeps each call's request small)
+DEAD_LETTER_MAXLEN: Final = 10_000
+MAINTENANCE_BATCH: Final = 500
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """What one enqueue added, skipped as already queued, and whether the lock's fence stopped it."""
+
+    added: int
+    skipped: int
+    fenced: bool = False
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The queue's figures from a script reply; the counts of a maintenance call too."""
+
+    waiting: int
+    pending: int
+    delayed: int
+    dead_letters: int
+    next_due_in_s: float | None = None
+    next_reclaim_in_s: float | None = None
+    promoted: int = 0
+    requeued: int = 0
+    dead: int = 0
+
+    @classmethod
+    def from_lua(cls, reply: dict[str, Any]) -> QueueStats:
+        """From a script reply: the stream holds waiting and pending entries (settled ones are deleted)."""
+        pending = int(reply["pending"])
+        reclaim_ms = int(reply.get("next_reclaim_ms", -1))
+        return cls(
+            waiting=max(0, int(reply["stream"]) - pending),
+            pending=pending,
+            delayed=int(reply["delayed"]),
+            dead_letters=int(reply["dead_letters"]),
+            next_due_in_s=_due_in(reply) if "now_ms" in reply else None,
+            next_reclaim_in_s=None if reclaim_ms < 0 else reclaim_ms / 1000,
+            promoted=int(reply.get("promoted", 0)),
+            requeued=int(reply.get("requeued", 0)),
+            dead=int(reply.get("dead", 0)),
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """The four counts health and status show."""
+        return {
+            "waiting": self.waiting,
+            "pending": self.pending,
+            "delayed": self.delayed,
+            "dead_letters": self.dead_letters,
+        }
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    """One ``queue_cycle`` reply: what was admitted, the breaker's state, the queue's figures."""
+
+    admitted: int
+    trials: list[str]
+    retry_after_s: float
+    deferred: int
+    fetched: list[Job]  # entries the script read itself (``fetch``); the first ``admitted`` may run
+    poisoned: list[tuple[str, str]]  # (entry id, reason) of fetched entries that were not jobs: now dead letters
+    breaker: BreakerState
+    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
+    stats: QueueStats  # the queue's figures right after this cycle
+
+
+def _due_in(reply: dict[str, Any], key: str = "next_due_ms") -> float | None:
+    due = int(reply.get(key, -1))
+    if due < 0:
+        return None
+    return max(0.0, (due - int(reply["now_ms"])) / 1000)
+
+
+class Queue:
+    """The stream, its consumer group, the delayed set and the dead-letter stream of one key prefix."""
+
+    def __init__(
+        self,
+        redis: CountingRedis,
+        blocking: CountingRedis,
+        keys: Keys,
+        scripts: Scripts,
+        *,
+        consumer: str,
+        visibility_timeout_s: float = 300,
+        max_attempts: int = 3,
+        breaker: BreakerConfig | None = None,
+    ) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.keys = keys
+        self.scripts = scripts
+        self.consumer = consumer
+        self.visibility_timeout_s = visibility_timeout_s
+        self.max_attempts = max_attempts
+        self.breaker = breaker or BreakerConfig(trial_ttl_s=visibility_timeout_s)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (one command)."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, sections: Iterable[tuple[str, str]], *, fence: int | None = None) -> EnqueueResult:
+        """Add (term, class_nbr) jobs unless already waiting, running or delayed; one call per 2,000.
+
+        With ``fence``, nothing is added once the cron lock has been granted to someone else since.
+        """
+        added = skipped = 0
+        flat: list[str] = []
+        items = list(sections)
+        for start in range(0, len(items), ENQUEUE_CHUNK):
+            flat = [value for pair in items[start : start + ENQUEUE_CHUNK] for value in pair]
+            reply = await self.scripts.call_json(
+                "queue_enqueue",
+                [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.lock_meta],
+                ["" if fence is None else str(fence), *flat],
+                self.redis,
+            )
+            if reply.get("fenced"):
+                return EnqueueResult(added, skipped, fenced=True)
+            added += int(reply["added"])
+            skipped += int(reply["skipped"])
+        return EnqueueResult(added, skipped)
+
+    async def read(self, count: int, block_s: float) -> list[Job | Malformed]:
+        """Up to ``count`` new entries for this consumer, blocking up to ``block_s`` for the first."""
+        try:
+            reply = await self.blocking.xreadgroup(
+                self.keys.group,
+                self.consumer,
+                {self.keys.stream: ">"},
+                count=count,
+                block=max(1, int(block_s * 1000)),
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream was deleted under us (an operator, or eviction): recreate and read again next time.
+            logger.warning("queue stream or group vanished; recreating it")
+            await self.ensure_group()
+            return []
+        found: list[Job | Malformed] = []
+        streams: Any = reply or []  # RESP2: [[stream, [(id, fields), ...]], ...]
+        for _stream, entries in streams:
+            for entry_id, fields in entries:
+                found.append(parse_entry(entry_id, dict(fields or {})))
+        return found
+
+    async def cycle(
+        self,
+        outcomes: Sequence[tuple[str, str]],
+        done: Sequence[Done],
+        read: Sequence[Job],
+        *,
+        fetch: int = 0,
+        cycle_id: str | None = None,
+        forget: str | None = None,
+    ) -> CycleResult:
+        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
+
+        With no ``read`` and ``fetch`` > 0 the script itself takes up to ``fetch`` new entries (without
+        blocking) and admits those: when the stream has work, a batch costs this one command in all.
+
+        Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
+        ``forget`` names an earlier cycle whose reply is no longer needed, so the cache holds one per consumer.
+        """
+        cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
+        payload = {
+            "cfg": cfg,
+            "outcomes": [list(o) for o in outcomes],
+            "done": [d.wire() for d in done],
+            "read": [job_wire(j) for j in read],
+            "fetch": fetch,
+        }
+        reply = await self.scripts.call_json(
+            "queue_cycle",
+            [
+                self.keys.stream,
+                self.keys.jobs,
+                self.keys.delayed,
+                self.keys.delayed_payloads,
+                self.keys.dead_letters,
+                self.keys.breaker,
+                self.keys.breaker_trials,
+                self.keys.cycle_reply(cycle_id or secrets.token_hex(8)),
+                *([self.keys.cycle_reply(forget)] if forget else []),
+            ],
+            [self.keys.group, orjson.dumps(payload).decode(), self.consumer],
+            self.redis,
+        )
+        view = reply["breaker"]
+        fetched, poisoned = reply.get("fetched"), reply.get("poisoned")
+        return CycleResult(
+            admitted=int(reply["admitted"]),
+            trials=trial_list(reply["trials"]),
+            retry_after_s=int(reply["retry_after_ms"]) / 1000,
+            deferred=int(reply["deferred"]),
+            # cjson encodes an empty table as an object: only a list holds entries.
+            fetched=[job_from_wire(e) for e in fetched] if isinstance(fetched, list) else [],
+            poisoned=[(str(p["entry_id"]), str(p["reason"])) for p in poisoned] if isinstance(poisoned, list) else [],
+            breaker=BreakerState.from_lua(view),
+            next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
+            stats=QueueStats.from_lua(reply),
+        )
+
+    async def maintain(self, *, resume: bool = False) -> QueueStats:
+        """Promote due delayed jobs and requeue stale entries; one script call.
+
+        ``resume`` takes this consumer's own unacknowledged entries whatever their idle time (at start,
+        after a crash); otherwise every consumer's entries idle past the visibility timeout.
+        """
+        reply = await self.scripts.call_json(
+            "queue_maintain",
+            [
+                self.keys.stream,
+                self.keys.jobs,
+                self.keys.delayed,
+                self.keys.delayed_payloads,
+                self.keys.dead_letters,
+            ],
+            [
+                self.keys.group,
+                self.consumer if resume else "",
+                0 if resume else int(self.visibility_timeout_s * 1000),
+                self.max_attempts,
+                MAINTENANCE_BATCH,
+                DEAD_LETTER_MAXLEN,
+            ],
+            self.redis,
+        )
+        return QueueStats.from_lua(reply)
+
+    async def stats(self) -> QueueStats:
+        """Queue figures without changing anything (for status); one script call."""
+        reply = await self.scripts.call_json(
+            "queue_stats",
+            [self.keys.stream, self.keys.delayed, self.keys.dead_letters],
+            [self.keys.group],
+            self.redis,
+        )
+        return QueueStats.from_lua(reply)
+
+    # -- dead letters ----------------------------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """The oldest dead letters; read as bytes, since a poison entry's fields may not be UTF-8."""
+        entries: list[Any] = await self.blocking.xrange(self.keys.dead_letters, count=count) or []
+
+        def text(value: bytes) -> str:
+            return value.decode("utf-8", "backslashreplace")
+
+        return [(text(eid), {text(k): text(v) for k, v in (fields or {}).items()}) for eid, fields in entries]
+
+    async def requeue_dead(self, entry_ids: Sequence[str] = ()) -> dict[str, int]:
+        """Put dead letters (all, or these ids) back on the queue with fresh attempts; one call."""
+        reply = await self.scripts.call_json(
+            "dlq_requeue",
+            [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.dead_letters],
+            list(entry_ids),
+            self.redis,
+        )
+        return {k: int(v) for k, v in reply.items()}
+
+    async def purge_dead(self) -> int:
+        """Drop every dead letter; returns how many there were."""
+        count = int(await self.redis.xlen(self.keys.dead_letters))
+        await self.redis.delete(self.keys.dead_letters)
+        return count

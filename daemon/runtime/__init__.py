@@ -1,0 +1,1 @@
+"""The running daemon: supervisor, health listener, metrics, systemd notify."""

@@ -1,0 +1,286 @@
+"""The daemon: opens resources, runs every part under one task group, owns the signal policy.
+
+Resources open in an ``AsyncExitStack``. The outer task group runs the signal watcher and the health
+listener (started with ``tg.start`` so a port in use fails start); once Redis and Postgres answer, systemd
+hears READY=1 and a work scope runs the stream consumer, the scheduler, the outbox sender, the monitor and
+the usage flusher. The first SIGTERM/SIGINT sets ``stopping`` (every loop returns; running jobs get the
+shutdown grace) and the second cancels the work scope at once.
+
+A part that hits an outage recovers by itself with backoff; a part that ends while the daemon is not
+stopping, or raises something unexpected, brings the process down non-zero so systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import redis.exceptions
+
+from daemon.backoff import Backoff
+from daemon.consumer import Consumer
+from daemon.dispatcher import CronWatch, Dispatcher, make_limit
+from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
+from daemon.outbox import OutboxSender
+from daemon.pipeline import Pipeline
+from daemon.primitives.breaker import BreakerConfig
+from daemon.primitives.clients import REDIS_ERRORS
+from daemon.runtime import report
+from daemon.runtime.health import HealthServer
+from daemon.runtime.monitor import Monitor
+from daemon.runtime.systemd import Notifier, Progress
+from daemon.runtime.wiring import build_parts, make_transport
+from daemon.scheduler import Scheduler
+from daemon.store.migrations import pending_migrations
+from daemon.store.pool import CONNECTION_ERRORS, create_pool
+from daemon.upstream.gate import Gate, MeteredScraper
+from daemon.upstream.render import Renderer
+from daemon.upstream.scraper import Scraper
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    import asyncpg
+
+    from daemon.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    """The ``seatwatch run`` process: builds the parts, waits for the stores, runs the loops, drains on signal."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        notifier: Notifier | None = None,
+        retry_base_s: float = 30.0,
+        idle_block_s: float = 900.0,
+        idle_maintenance_s: float = 900.0,
+    ) -> None:
+        self.settings = settings
+        self.notifier = notifier or Notifier()
+        self.parts = build_parts(settings)
+        self.progress = Progress()
+        self.stopping = anyio.Event()
+        self.monitor = Monitor(self.parts.clients, self.parts.ledger, self.notifier, self.progress)
+        self.retry_base_s = retry_base_s
+        self.idle_block_s = idle_block_s
+        self.idle_maintenance_s = idle_maintenance_s
+        self.health = HealthServer(lambda: report.health(self), lambda: report.metrics_exposition(self))
+        self.consumer: Consumer | None = None
+        self.scheduler: Scheduler | None = None
+        self.outbox: OutboxSender | None = None
+        self.dispatcher: Dispatcher | None = None  # SEATWATCH_SCHEDULE=adaptive
+        self.cron_watch: CronWatch | None = None
+        self.started_at = time.time()
+        self._work_scope: anyio.CancelScope | None = None
+        self._started = False  # READY=1 was sent
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped; the exit status (0 after a drain, 1 when something broke)."""
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                stack.push_async_callback(self.parts.clients.aclose)
+                stack.callback(self.notifier.close)
+                async with anyio.create_task_group() as outer:
+                    outer.start_soon(self._watch_signals)
+                    port = await outer.start(self.health.serve, self.settings.health_host, self.settings.health_port)
+                    logger.info("health listener on %s:%d", self.settings.health_host, port)
+                    pool = await self._connect(stack)
+                    if pool is not None:
+                        await self._work(pool, stack)
+                    outer.cancel_scope.cancel()
+        except Exception as exc:  # task groups wrap what their tasks raise in ExceptionGroups
+            cause = _single_cause(exc)
+            if isinstance(cause, (FatalStartError, OSError)) and not self._started:
+                logger.critical("cannot start: %s", cause)
+            else:
+                logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
+            return Exit.FAILURE
+        logger.info("stopped")
+        return Exit.OK
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown, as the first SIGTERM does: no new work, running jobs get the grace."""
+        if self.stopping.is_set():
+            return
+        self.notifier.stopping()
+        self.stopping.set()
+        if self.outbox is not None:
+            self.outbox.wake()  # it may be waiting for new rows; let it see `stopping` now
+        if self._work_scope is not None:
+            self._work_scope.deadline = anyio.current_time() + self.settings.shutdown_grace_s
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self.stopping.is_set():
+                    logger.info(
+                        "%s: draining (up to %.0fs); a second signal stops at once",
+                        name,
+                        self.settings.shutdown_grace_s,
+                    )
+                    self.stop()
+                else:
+                    logger.warning("%s again: stopping now", name)
+                    if self._work_scope is not None:
+                        self._work_scope.cancel()
+                    return
+
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> asyncpg.Pool | None:
+        """Wait (with backoff) until Redis and Postgres answer; None if asked to stop meanwhile."""
+        startup = self.parts.clients.client("startup")
+        await self._until_ready("Redis", lambda: self._load_scripts(startup))
+        pool: asyncpg.Pool | None = await self._until_ready("Postgres", self._open_pool)
+        if pool is None:
+            return None
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            pending = await pending_migrations(conn)
+        if pending:
+            raise FatalStartError(f"the database lacks migrations {', '.join(pending)}: run `seatwatch migrate`")
+        return pool
+
+    async def _load_scripts(self, client: Any) -> bool:
+        try:
+            await self.parts.scripts.load(client)
+        except redis.exceptions.ResponseError as exc:
+            raise FatalStartError(f"Redis refused a Lua script: {exc}") from exc
+        return True
+
+    async def _open_pool(self) -> asyncpg.Pool:
+        return await create_pool(
+            self.settings.database_url.reveal(), min_size=1, max_size=self.settings.concurrency + 3
+        )
+
+    async def _until_ready(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        backoff = Backoff(1.0, 30.0)
+        while not self.stopping.is_set():
+            try:
+                return await attempt()
+            except (StoreUnavailable, *CONNECTION_ERRORS) as exc:
+                wait_s = backoff.failed()
+                # Every try is logged: start-up is when an operator is watching.
+                logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
+            with anyio.move_on_after(wait_s):
+                await self.stopping.wait()
+        return None
+
+    async def _work(self, pool: asyncpg.Pool, stack: contextlib.AsyncExitStack) -> None:
+        settings, parts = self.settings, self.parts
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=settings.concurrency + 4, max_keepalive_connections=settings.concurrency + 4
+            )
+        )
+        stack.push_async_callback(http.aclose)
+        self.outbox = OutboxSender(
+            pool, make_transport(settings, http), parts.metrics, owner=settings.consumer, progress=self.progress
+        )
+        renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
+        scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
+        limit = make_limit(settings)
+        gate = Gate(limit)
+        adaptive = settings.schedule == "adaptive"
+        # Adaptive checking holds the gate itself; the queue consumers wait for it inside the scraper call.
+        metered = MeteredScraper(scraper, limit, None if adaptive else gate)
+        pipeline = Pipeline(pool, metered, renderer, parts.metrics, on_emails=self.outbox.wake)
+        self.consumer = Consumer(
+            parts.queue,
+            pipeline,
+            concurrency=settings.concurrency,
+            retry_base_s=self.retry_base_s,
+            idle_block_s=self.idle_block_s,
+            idle_maintenance_s=self.idle_maintenance_s,
+            progress=self.progress,
+        )
+        self.scheduler = Scheduler(
+            cron=settings.cron,
+            tz=settings.tz,
+            stagger=settings.stagger,
+            grace_s=settings.misfire_grace_s,
+            lock=parts.lock,
+            queue=parts.queue,
+            pool=pool,
+            metrics=parts.metrics,
+            progress=self.progress,
+        )
+        if adaptive:
+            self.dispatcher = Dispatcher(
+                settings=settings,
+                clients=parts.clients,
+                keys=parts.keys,
+                scripts=parts.scripts,
+                breaker=BreakerConfig.from_settings(settings),
+                pool=pool,
+                pipeline=pipeline,
+                gate=gate,
+                progress=self.progress,
+            )
+        else:
+            self.cron_watch = CronWatch(self.scheduler)
+        await self.monitor.probe(pool)
+        logger.info("configuration: %s", settings.summary())
+        self.notifier.ready(report.status_line(self))
+        self._started = True
+        logger.info(
+            "ready: consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
+            settings.consumer,
+            settings.concurrency,
+            settings.cron,
+            settings.timezone,
+            settings.stagger,
+            settings.email_transport,
+        )
+        with anyio.CancelScope() as self._work_scope:
+            if self.stopping.is_set():
+                self._work_scope.deadline = anyio.current_time() + settings.shutdown_grace_s
+            async with anyio.create_task_group() as work:
+                work.start_soon(self._essential, "consumer", self.consumer.run)
+                if self.dispatcher is not None:
+                    work.start_soon(self._essential, "dispatcher", self.dispatcher.run)
+                else:
+                    work.start_soon(self._essential, "scheduler", self.scheduler.run)
+                work.start_soon(self._essential, "outbox", self.outbox.run)
+                work.start_soon(
+                    self._essential, "monitor", lambda stopping: self.monitor.run(pool, self._status_line, stopping)
+                )
+                work.start_soon(self._essential, "usage", self.monitor.flush_usage)
+        if self._work_scope.cancelled_caught:
+            logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
+        with anyio.move_on_after(5, shield=True):
+            with contextlib.suppress(*CONNECTION_ERRORS, *REDIS_ERRORS):
+                await parts.ledger.flush()
+
+    def _status_line(self) -> str:
+        # The monitor asks every few seconds: the schedule check's hourly falling-behind warning rides along,
+        # so it is logged whether or not anyone probes health.
+        report.schedule_check(self)
+        return report.status_line(self)
+
+    async def _essential(self, name: str, loop: Callable[[anyio.Event], Awaitable[None]]) -> None:
+        await loop(self.stopping)
+        if not self.stopping.is_set():
+            raise RuntimeError(f"the {name} loop ended while the daemon was running")
+
+
+def _single_cause(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member ExceptionGroups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def run_daemon(settings: Settings) -> int:
+    """``seatwatch run``: the exit status systemd sees."""
+    return anyio.run(Daemon(settings).run)
