@@ -98,6 +98,7 @@ class Lease:
     prev_ms: int
     trial: str
     start_at: float  # monotonic
+    rtt_s: float = 0.0  # of the take call that leased it: how late start_at may be against Redis time
 
 
 @dataclass
@@ -159,6 +160,10 @@ class Dispatcher:
         self.figures_every_s = min(FIGURES_EVERY_S, max(self.plan_every_s, self.max_s / 6))
         # A check may start this late after its slot; due times carry the same margin (see the module doc).
         self.late_s = min(1.0, 0.05 * self.min_s)
+        # Due times carry twice that: one for the lateness allowed, one for what the local check cannot see
+        # (the take reply's way back, the request's way out to the scraper).
+        self.margin_s = 2 * self.late_s
+        self._take_rtt_s = 0.0
         self.figures = Figures()
         self.rate_per_s = PACE_MARGIN * settings.scrapes_per_hour / 3600.0
         self._outcomes: list[tuple[str, str]] = []
@@ -271,7 +276,7 @@ class Dispatcher:
                 "gen": gen,
                 "final": final,
                 "max_ms": int(self.max_s * 1000),
-                "late_ms": int(self.late_s * 1000),
+                "late_ms": int(self.margin_s * 1000),
                 "consumer": self.settings.consumer,
                 "daemon_ttl_ms": int(3 * self.figures_every_s * 1000),
                 "sections": chunk,
@@ -380,17 +385,19 @@ class Dispatcher:
             "want": want,
             "horizon_ms": int(horizon_s * 1000),
             "spacing_ms": max(1, round(1000 / max(self.rate_per_s, 1e-6))),
-            "late_ms": int(self.late_s * 1000),
+            "late_ms": int(self.margin_s * 1000),
             "max_ms": int(self.max_s * 1000),
         }
         # An uncertain failure drops these outcomes rather than risk applying them twice: a breaker count
         # lost is harmless, a trial slot frees itself by its TTL, and a failed check comes due again anyway.
+        sent = self.clock()
         reply: dict[str, Any] = await self.scripts.call_json(
             "adaptive_take",
             [k.due, k.interval, k.prio, k.last, k.pace, k.scrapes, k.breaker, k.breaker_trials],
             [orjson.dumps(args).decode()],
             self.redis,
         )
+        self._take_rtt_s = self.clock() - sent
         self.breaker_state = reply.get("breaker")
         taken = reply.get("taken")
         logger.debug(
@@ -409,7 +416,9 @@ class Dispatcher:
         for member, slot_ms, prev_ms, trial in taken if isinstance(taken, list) else []:
             term, _, class_nbr = str(member).partition("-")
             start_at = now + max(0, int(slot_ms) - now_ms) / 1000
-            leases.append(Lease(str(member), term, class_nbr, int(slot_ms), int(prev_ms), str(trial), start_at))
+            leases.append(
+                Lease(str(member), term, class_nbr, int(slot_ms), int(prev_ms), str(trial), start_at, self._take_rtt_s)
+            )
         return leases
 
     async def _check(self, lease: Lease) -> None:
@@ -429,7 +438,7 @@ class Dispatcher:
             raise
         self._waiting -= 1
         try:
-            if self.clock() > lease.start_at + self.late_s:
+            if self.clock() > lease.start_at + self.late_s - lease.rtt_s:
                 # Started late, it could land within the minimum interval of the next check: put it back.
                 self.figures.skipped += 1
                 self._release.append((lease.member, lease.prev_ms))
@@ -446,7 +455,7 @@ class Dispatcher:
         self.figures.checks += 1
         if lease.prev_ms > 0:
             self.figures.intervals_s.append((lease.slot_ms - lease.prev_ms) / 1000)
-        retry_ms = int((self.min_s + self.late_s) * 1000)
+        retry_ms = int((self.min_s + self.margin_s) * 1000)
         try:
             await self.pipeline(ticket)
         except DeferJob as exc:

@@ -7,7 +7,7 @@
 -- time moves to slot + interval + late_ms at once, so a crash leaves it due again one interval later and no
 -- acknowledgement is needed (a re-check of a committed section finds no change and claims nothing).
 -- Because the next due time counts from the slot, two checks of one section, by any daemons, are never
--- closer than its interval (>= the minimum) as long as each starts within late_ms of its slot.
+-- closer than its interval (>= the minimum) as long as each reaches the scraper within late_ms of its slot.
 --
 -- KEYS[1] due (zset member -> due ms)   KEYS[2] interval (hash member -> ms)   KEYS[3] prio (hash)
 -- KEYS[4] last (hash member -> slot ms of the last take; negative: -added ms, never checked)
