@@ -362,9 +362,12 @@ class Dispatcher:
                 elif next_due < 0:
                     wait_s = IDLE_WAIT_S  # nothing watched: the planner pokes when that changes
                 else:
+                    # Nothing taken: wait until a section is due and the shared pace has a slot for it (another
+                    # daemon may have reserved the next ones), not sooner: two daemons must not race in a loop.
                     # The planner pokes when sections join or intervals change, so nothing is missed by sleeping.
-                    due_in_s = (next_due - int(reply["now_ms"])) / 1000
-                    wait_s = min(max(0.01, due_in_s - horizon_s * 0.5), IDLE_WAIT_S)
+                    ready_ms = max(next_due, int(reply.get("tat_ms", 0)))
+                    ready_in_s = (ready_ms - int(reply["now_ms"])) / 1000
+                    wait_s = min(max(horizon_s * 0.1, ready_in_s - horizon_s * 0.5), IDLE_WAIT_S)
             self._expect("taker", wait_s)
             with anyio.move_on_after(wait_s):
                 await self._poke.wait()

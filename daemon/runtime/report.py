@@ -192,8 +192,9 @@ def health(daemon: Daemon) -> HealthReport:
     checks["configuration"] = {
         "status": "healthy",
         "consumer": settings.consumer,
-        "concurrency": settings.concurrency,
+        "concurrency": "auto" if settings.concurrency_auto else settings.concurrency,
         "stagger": settings.stagger,
+        "schedule": settings.schedule,
     }
     status = overall(checks)
     return HealthReport(

@@ -15,7 +15,7 @@
 -- ARGV[1] JSON {cfg, outcomes = [[kind, trial]], retry = [[member, delay_ms]], release = [[member, prev]],
 --               want, horizon_ms, spacing_ms, late_ms, max_ms}
 -- Reply: JSON {now_ms, taken = [[member, slot_ms, prev_last_ms, trial]], next_due_ms (-1: none),
---              retry_after_ms, breaker = view}
+--              retry_after_ms, tat_ms (the pace's next free slot), breaker = view}
 local now = now_ms()
 local a = cjson.decode(ARGV[1])
 local cfg = a.cfg
@@ -95,6 +95,6 @@ end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_due = -1
 if first[2] then next_due = tonumber(first[2]) end
-local reply = {now_ms = now, taken = taken, next_due_ms = next_due, retry_after_ms = retry_ms,
+local reply = {now_ms = now, taken = taken, next_due_ms = next_due, retry_after_ms = retry_ms, tat_ms = tat,
                breaker = breaker_view(KEYS[8], b, cfg, now)}
 return cjson.encode(reply)
