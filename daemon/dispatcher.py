@@ -21,6 +21,7 @@ memory (``report()``): a probe costs no Redis command.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -228,7 +229,11 @@ class Dispatcher:
             last = r["last_checked_at"]
             checked[sid] = int(last.timestamp() * 1000) if last else 0
         self._measure_cost()
-        plan = planner.plan(sections, self.budgets(), min_s=self.min_s, max_s=self.max_s)
+        # Intervals stop a little short of the maximum: a due time carries the margin, and the pace may slot a
+        # due section a moment later, yet the maximum is the promise.
+        plan_max_s = max(self.min_s, self.max_s * 0.98 - self.margin_s)
+        plan = planner.plan(sections, self.budgets(), min_s=self.min_s, max_s=plan_max_s)
+        plan = dataclasses.replace(plan, needed_per_s=len(sections) / self.max_s)  # against the promise itself
         self.rate_per_s = PACE_MARGIN * min(self.settings.scrapes_per_hour / 3600.0, self.budgets().redis_per_s)
         payload = [
             [
@@ -313,8 +318,9 @@ class Dispatcher:
 
     def _horizon_s(self) -> float:
         spacing = 1.0 / max(self.rate_per_s, 1e-6)
-        # About eight slots per call (a quarter command per check and less), at least half a second of work.
-        return min(30.0, max(8 * spacing, 0.5))
+        # About eight slots per call for each daemon sharing the pace (a quarter command per check and less),
+        # at least half a second of work.
+        return min(30.0, max(8 * spacing * self.figures.daemons, 0.5))
 
     def _want(self, horizon_s: float) -> int:
         """Slots worth taking for the next horizon: what the scraper can start in it, minus what waits."""

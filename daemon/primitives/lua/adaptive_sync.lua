@@ -54,7 +54,7 @@ local covered = 0
 local lasts = redis.call('HGETALL', KEYS[4])
 for i = 2, #lasts, 2 do
     local v = tonumber(lasts[i]) or 0
-    if math.abs(v) >= now - a.max_ms then covered = covered + 1 end
+    if math.abs(v) >= now - a.max_ms - a.late_ms then covered = covered + 1 end
 end
 local scrapes, this_minute = 0, math.floor(now / 60000)
 local minutes = redis.call('HGETALL', KEYS[6])
