@@ -9,27 +9,54 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import __version__
 from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
 from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
+DEFAULT_CREDENTIALS: Final = "/etc/seatwatch/credentials"
+
+
+class _Version(argparse.Action):
+    """``--version``, worked out only when asked for (in a checkout it asks git for the commit)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from daemon.version import version
+
+        print(f"seatwatch {version()}")
+        parser.exit()
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seatwatch", description="Watch class sections and email students when a seat opens."
     )
-    parser.add_argument("--version", action="version", version=f"seatwatch {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version (with its commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="the daemon (systemd ExecStart)")
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
-    sub.add_parser("check", help="validate configuration and reach Postgres, Redis and the scraper")
+    check = sub.add_parser("check", help="validate configuration and reach Postgres, Redis and the scraper")
+    check.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        help="take the settings from this systemd EnvironmentFile, read as systemd reads it, instead of the"
+        " environment (as the service would see them)",
+    )
+    check.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(DEFAULT_CREDENTIALS),
+        metavar="DIR",
+        help=f"with --env-file: the folder the unit's LoadCredential= hands over (default {DEFAULT_CREDENTIALS};"
+        " readable by root only)",
+    )
     tick = sub.add_parser("tick", help="run one enqueue tick now, under the cron lock")
     tick.add_argument(
         "--group",
@@ -152,7 +179,18 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings = load_settings(NEEDS_ALL)
+    env = None
+    if args.env_file is not None:
+        from daemon.service_env import service_environment
+
+        try:
+            env, notes = service_environment(args.env_file, args.credentials)
+        except ConfigError as exc:
+            print(f"seatwatch: {exc}", file=sys.stderr)
+            return Exit.CONFIG
+        for note in notes:
+            print(f"seatwatch: note: {note}", file=sys.stderr)
+    settings = load_settings(NEEDS_ALL, env)
     from daemon.commands.checks import run_checks
 
     results = anyio.run(run_checks, settings)

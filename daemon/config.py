@@ -6,25 +6,24 @@ URLs that may carry a password are shown through ``redact_url`` (both in ``daemo
 Choices are ``Literal`` types, so a misspelt one is a type error, not a silent branch.
 
 A secret may come from the variable itself, from ``NAME_FILE=/path``, or from a file named ``name`` (lower
-case) in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
+case) or ``seatwatch_name`` in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
 import socket
 import zoneinfo
 from dataclasses import dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from croniter import croniter
 
+from daemon.cron import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import Secret, redact_url, url_passwords
 
@@ -193,10 +192,12 @@ class _Parser:
             if file_var:
                 return self._read_secret_file(name, f"{key}_FILE", Path(file_var))
             cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
-            if cred_dir:
-                path = Path(cred_dir) / key.lower()
-                if path.is_file():
-                    return self._read_secret_file(name, f"credential {key.lower()}", path)
+            # `name`, or `seatwatch_name` from the unit's `LoadCredential=seatwatch:/etc/seatwatch/credentials`
+            # (a folder: each file becomes a credential named `seatwatch_<file>`, and a missing one is no error).
+            for credential in (key.lower(), f"seatwatch_{key.lower()}"):
+                path = Path(cred_dir) / credential if cred_dir else None
+                if path is not None and path.is_file():
+                    return self._read_secret_file(name, f"credential {credential}", path)
         return None
 
     def _read_secret_file(self, name: str, label: str, path: Path) -> str | None:
@@ -216,6 +217,16 @@ class _Parser:
         if value is None and when and self._required(name) and name not in self._reported:
             self.problems.append(f"{name} is required{why}")
         return value or ""
+
+    def _statement_cache(self, database_url: str) -> None:
+        """``?statement_cache_size=N`` in DATABASE_URL (0 behind a transaction-mode pooler) is a count."""
+        try:
+            query = parse_qsl(urlsplit(database_url).query, keep_blank_values=True)
+        except ValueError:
+            return
+        for name, value in query:
+            if name == "statement_cache_size" and not value.isdigit():
+                self.problems.append(f"DATABASE_URL statement_cache_size must be a whole number (got {value!r})")
 
     def url(self, name: str, value: str, schemes: tuple[str, ...]) -> str:
         if not value:
@@ -287,6 +298,7 @@ class _Parser:
             self.need("DATABASE_URL", self.secret("DATABASE_URL")),
             ("postgres", "postgresql"),
         )
+        self._statement_cache(database_url)
         redis_url = self.url("REDIS_URL", self.need("REDIS_URL", self.secret("REDIS_URL")), ("redis", "rediss", "unix"))
         scraper_url = self.url("SCRAPER_URL", self.need("SCRAPER_URL", self.raw("SCRAPER_URL")), ("http", "https"))
         scraper_token = self.need("SCRAPER_SECRET_TOKEN", self.secret("SCRAPER_SECRET_TOKEN"))
@@ -448,13 +460,6 @@ class _Parser:
         return host, port
 
 
-def shortest_cron_gap_s(cron: str, tz: zoneinfo.ZoneInfo, *, samples: int = 100) -> float:
-    """The shortest gap, in seconds, among the next ``samples`` fire times of ``cron`` in ``tz``."""
-    it = croniter(cron, datetime.now(tz))
-    times = [it.get_next(float) for _ in range(samples + 1)]
-    return float(min(b - a for a, b in itertools.pairwise(times)))
-
-
 def secret_values(settings: Settings) -> list[str]:
     """Every secret string in ``settings``, for the log redaction filter (defence in depth)."""
     found: list[str] = []
@@ -466,10 +471,3 @@ def secret_values(settings: Settings) -> list[str]:
     for url in (settings.database_url.reveal(), settings.redis_url.reveal()):
         found += url_passwords(url)
     return [s for s in found if len(s) >= 4]
-
-
-def scrape_url(base: str) -> str:
-    """``{SCRAPER_URL}/scrape`` joined without a double slash (production had a trailing slash)."""
-    parts = urlsplit(base)
-    path = parts.path.rstrip("/") + "/scrape"
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -18,7 +18,7 @@ import orjson
 from daemon.secret import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
 # syslog priorities: 2 crit, 3 err, 4 warning, 5 notice, 6 info, 7 debug
 _PRIORITY: Final = {
@@ -77,11 +77,17 @@ class JournalFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, priority, logger, msg, and exc when there is one."""
+    """One JSON object per line: ts, level, priority, logger, msg, and exc when there is one.
 
-    def __init__(self, scrub: _Scrubber) -> None:
+    journald reads a line's priority only from a ``<N>`` prefix (and ignores a ``priority`` field inside
+    the message), so when stdout is the journal each line starts with ``<N>``: journald strips it, sets
+    PRIORITY=N, and keeps the JSON object as the MESSAGE. Elsewhere (a pipe into jq) the lines are bare JSON.
+    """
+
+    def __init__(self, scrub: _Scrubber, *, journal: bool = False) -> None:
         super().__init__()
         self.scrub = scrub
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         """One JSON object per record."""
@@ -94,7 +100,24 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             event["exc"] = self.scrub(self.formatException(record.exc_info))
-        return orjson.dumps(event).decode()
+        line = orjson.dumps(event).decode()  # one line: orjson escapes every newline
+        return f"<{event['priority']}>{line}" if self.journal else line
+
+
+def stdout_is_journal(stream: object, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is the journal's stdout socket: ``$JOURNAL_STREAM`` names its device and inode.
+
+    systemd sets JOURNAL_STREAM for a service whose stdout goes to the journal; a child that redirected its
+    stdout inherits the variable, hence the comparison (as sd_journal_stream_fd(3) advises).
+    """
+    env = os.environ if env is None else env
+    device, _, inode = env.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        info = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return f"{info.st_dev}:{info.st_ino}" == f"{device}:{inode}"
 
 
 def configure(*, fmt: str = "text", level: str = "info", secrets: Iterable[str] = (), stream: object = None) -> None:
@@ -102,7 +125,7 @@ def configure(*, fmt: str = "text", level: str = "info", secrets: Iterable[str] 
     scrub = _Scrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(scrub))
+        handler.setFormatter(JsonFormatter(scrub, journal=stdout_is_journal(handler.stream)))
     else:
         handler.setFormatter(JournalFormatter(scrub, timestamps="JOURNAL_STREAM" not in os.environ))
     root = logging.getLogger()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from daemon import faults
 from daemon.backoff import Backoff, Outage, retry_delay_s
 from daemon.errors import EmailRejected, EmailRetry
 from daemon.store import outbox_queries as queries
@@ -121,6 +122,9 @@ class OutboxSender:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
             except CONNECTION_ERRORS as exc:
+                # A batch this sender had leased may have been cut off mid-way (sent, not yet marked): once
+                # Postgres answers, free it for a resend under its key now rather than after its lease.
+                leases_released = False
                 await backoff.wait(exc.__class__.__name__, stopping)
                 continue
             backoff.succeeded()
@@ -159,6 +163,7 @@ class OutboxSender:
         batch = await self._lease_due_batch() or await self._form_batch()
         if batch is None:
             return False
+        faults.point("batch_formed")
         await self._pace()
         try:
             ids = await self.transport.send(batch.key, batch.emails)
@@ -169,6 +174,7 @@ class OutboxSender:
         except EmailRejected as exc:
             await self._rejected(batch, str(exc))
         else:
+            faults.point("reply_received")
             await self._sent(batch, ids)
         return True
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from daemon import faults
 from daemon.detect import Changes, Drift, Observation, detect
 from daemon.errors import (
     DeferJob,
@@ -99,10 +100,11 @@ class Pipeline:
         finally:
             self.metrics.scrape_seconds.observe(time.perf_counter() - started)
         ticket.success()
+        faults.point("after_scrape")
         self.drift.report(job.id, observation)
 
         try:
-            result = await self.record(job.term, job.class_nbr, observation)
+            result = await self.record_retrying(job.id, job.term, job.class_nbr, observation)
         except db.CONNECTION_ERRORS as exc:
             self.metrics.sections.labels("db_unavailable").inc()
             raise DeferJob(f"Postgres unavailable: {exc.__class__.__name__}", DB_OUTAGE_DEFER_S) from exc
@@ -133,53 +135,84 @@ class Pipeline:
         if result.emails:
             self.on_emails()
 
+    async def record_retrying(self, job_id: str, term: str, class_nbr: str, observation: Observation) -> SectionResult:
+        """``record``, once more on a fresh connection if the first one was lost (a pooler or network blip).
+
+        Safe whatever the lost attempt did: rolled back, it is simply redone; committed (its COMMIT's reply
+        lost), the retry observes the same state again, finds no edge and claims nothing, and the emails the
+        first attempt committed are owed already, so the outbox is woken for them. A second loss defers the job.
+        """
+        try:
+            return await self.record(term, class_nbr, observation)
+        except db.CONNECTION_ERRORS as exc:
+            logger.warning(
+                "section %s: Postgres connection lost (%s); once more on a fresh connection",
+                job_id,
+                exc.__class__.__name__,
+            )
+        result = await self.record(term, class_nbr, observation)
+        self.on_emails()
+        return result
+
     async def record(self, term: str, class_nbr: str, observation: Observation) -> SectionResult:
         """The one transaction of a section check."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            previous = await db.observe(conn, term, class_nbr, observation.row())
-            changes = detect(previous, observation)
-            if not changes.touches_claims:
-                return SectionResult(changes, 0, previous.source if previous else None)
-            claims = await db.claim(
-                conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                result = await self._record(conn, term, class_nbr, observation)
+                faults.point("before_commit")
+            faults.point("after_commit")
+        return result
+
+    async def _record(
+        self, conn: asyncpg.Connection, term: str, class_nbr: str, observation: Observation
+    ) -> SectionResult:
+        previous = await db.observe(conn, term, class_nbr, observation.row())
+        faults.point("after_observe")
+        changes = detect(previous, observation)
+        if not changes.touches_claims:
+            return SectionResult(changes, 0, previous.source if previous else None)
+        claims = await db.claim(
+            conn, term, class_nbr, reset_seat=changes.seats_filled, types=changes.notification_types
+        )
+        faults.point("after_claim")
+        now_ms = self.clock_ms()
+        courses: dict[str, tuple[str, str]] = {}
+        if claims and (observation.subject is None or observation.catalog_nbr is None):
+            # The scraper's course code is unusable: each email names the course as its watch does.
+            courses = await db.watch_courses(conn, [claim.watch_id for claim in claims])
+        rows = []
+        for claim in claims:
+            described = observation
+            if claim.watch_id in courses:
+                subject, catalog_nbr = courses[claim.watch_id]
+                described = replace(
+                    observation,
+                    subject=observation.subject or subject,
+                    catalog_nbr=observation.catalog_nbr or catalog_nbr,
+                )
+            rendered = self.renderer.render(
+                claim.notification_type,
+                term,
+                class_nbr,
+                described,
+                to=claim.email,
+                user_id=claim.user_id,
+                now_ms=now_ms,
             )
-            now_ms = self.clock_ms()
-            courses: dict[str, tuple[str, str]] = {}
-            if claims and (observation.subject is None or observation.catalog_nbr is None):
-                # The scraper's course code is unusable: each email names the course as its watch does.
-                courses = await db.watch_courses(conn, [claim.watch_id for claim in claims])
-            rows = []
-            for claim in claims:
-                described = observation
-                if claim.watch_id in courses:
-                    subject, catalog_nbr = courses[claim.watch_id]
-                    described = replace(
-                        observation,
-                        subject=observation.subject or subject,
-                        catalog_nbr=observation.catalog_nbr or catalog_nbr,
-                    )
-                rendered = self.renderer.render(
+            rows.append(
+                db.OutboxRow(
+                    claim.watch_id,
+                    claim.user_id,
                     claim.notification_type,
                     term,
                     class_nbr,
-                    described,
-                    to=claim.email,
-                    user_id=claim.user_id,
-                    now_ms=now_ms,
+                    rendered.payload,
+                    rendered.token,
                 )
-                rows.append(
-                    db.OutboxRow(
-                        claim.watch_id,
-                        claim.user_id,
-                        claim.notification_type,
-                        term,
-                        class_nbr,
-                        rendered.payload,
-                        rendered.token,
-                    )
-                )
-            await db.insert_outbox(conn, rows)
-            return SectionResult(changes, len(rows), previous.source if previous else None, claims)
+            )
+        await db.insert_outbox(conn, rows)
+        faults.point("after_outbox_insert")
+        return SectionResult(changes, len(rows), previous.source if previous else None, claims)
 
 
 class DriftReport:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
-from croniter import croniter
 
 from daemon.backoff import Backoff
+from daemon.cron import group_for, latest_slot, next_slot, slot_id
 from daemon.errors import LockBusy, SlotDone
 from daemon.jobs import usable_section
 from daemon.primitives.clients import REDIS_ERRORS
@@ -39,35 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCK_RETRY_S = 15.0
-
-
-# -- slots (pure) -------------------------------------------------------------------------------------------
-
-
-def latest_slot(cron: str, tz: ZoneInfo, now: float) -> datetime:
-    """The most recent fire time at or before ``now``."""
-    at = datetime.fromtimestamp(now, tz)
-    prev: datetime = croniter(cron, at).get_prev(datetime)
-    following: datetime = croniter(cron, prev).get_next(datetime)
-    return following if following.timestamp() <= now else prev
-
-
-def next_slot(cron: str, tz: ZoneInfo, after: datetime) -> datetime:
-    """The first fire time strictly after ``after``."""
-    result: datetime = croniter(cron, after).get_next(datetime)
-    return result
-
-
-def slot_id(at: datetime) -> str:
-    """A cron slot's id: its UTC minute, ``2026-01-15T16:30Z``."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
-
-
-def group_for(at: datetime, stagger: str) -> str:
-    """parity: the first half hour checks even last digits, the second odd; none: everything."""
-    if stagger == "none":
-        return "all"
-    return "even" if (at.minute // 30) % 2 == 0 else "odd"
 
 
 # -- one tick ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from daemon import faults
 from daemon.backoff import Backoff
 from daemon.jobs import Done, Job
 from daemon.primitives.clients import REDIS_ERRORS
@@ -129,6 +130,8 @@ class Settlement:
         confirmed = False
         try:
             backoff = Backoff(0.5, 10.0)
+            if any(d.action == "ack" for d in cycle.done):
+                faults.point("before_ack")
             while True:
                 try:
                     with anyio.CancelScope(shield=True), anyio.fail_after(30):

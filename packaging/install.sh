@@ -1,28 +1,19 @@
 #!/usr/bin/env bash
-# Install or upgrade seatwatch on a Debian/Ubuntu host (run as root from a checkout):
-#   /opt/seatwatch (code and .venv), the seatwatch system user, /etc/seatwatch (settings and credentials),
-#   the systemd unit. Re-running upgrades the code and keeps the settings. Start with:
-#   systemctl enable --now seatwatch
+# Install, upgrade, roll back or remove seatwatch on a systemd host; run as root from a git checkout:
+#   packaging/install.sh [--python PATH] [--force]    install or upgrade (a new release, checked, then switched)
+#   packaging/install.sh --rollback                   back to the release before the current one
+#   packaging/install.sh --uninstall | --purge        remove it (--purge: settings, state and user too)
+#   packaging/install.sh --which-python               which Python it would build with, and why
+#   add --root DIR to stage everything into DIR, recording systemctl/useradd/apt-get instead of running them.
+# The work is done by packaging/installer.py, which runs on any python3 >= 3.8; it finds (or installs from
+# the distribution's packages) the Python >= 3.11 that seatwatch itself runs on. See docs/operations.md.
 set -euo pipefail
-src="$(cd "$(dirname "$0")/.." && pwd)"
-prefix=/opt/seatwatch
-etc=/etc/seatwatch
-
-[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
-id seatwatch >/dev/null 2>&1 || useradd --system --home-dir "$prefix" --shell /usr/sbin/nologin seatwatch
-
-install -d -m 0755 "$prefix"
-cp -a "$src/pyproject.toml" "$src/README.md" "$src/daemon" "$prefix/"
-[ -x "$prefix/.venv/bin/python" ] || python3 -m venv "$prefix/.venv"
-"$prefix/.venv/bin/python" -m pip install --quiet --upgrade "$prefix"
-
-install -d -m 0755 "$etc"
-install -d -m 0700 "$etc/credentials"
-[ -f "$etc/seatwatch.env" ] || install -m 0644 "$src/packaging/seatwatch.env" "$etc/seatwatch.env"
-for name in database_url redis_url scraper_secret_token resend_api_key supabase_service_role_key; do
-    [ -f "$etc/credentials/$name" ] || echo "missing: $etc/credentials/$name (one secret per file, mode 0600)"
+here="$(cd "$(dirname "$0")" && pwd)"
+for python in python3 /usr/libexec/platform-python python3.13 python3.12 python3.11; do
+    if command -v "$python" >/dev/null 2>&1 \
+        && "$python" -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null; then
+        exec "$python" "$here/installer.py" "$@"
+    fi
 done
-
-install -m 0644 "$src/seatwatch.service" /etc/systemd/system/seatwatch.service
-systemctl daemon-reload
-echo "installed; check the settings with: sudo -u seatwatch env \$(cat $etc/seatwatch.env | xargs) $prefix/.venv/bin/seatwatch check"
+echo "install.sh: no python3 (3.8 or newer) to run the installer: install python3 first" >&2
+exit 1

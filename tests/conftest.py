@@ -19,6 +19,7 @@ from daemon.store.migrations import migrate
 from daemon.store.pool import connect, create_pool
 from tests.support.procs import Daemons
 from tests.support.servers import TestServers
+from tests.support.shapes import PgBouncer, RedisProc
 from tests.support.stubs import ResendStub, ScraperStub
 
 if TYPE_CHECKING:
@@ -166,3 +167,22 @@ def daemons() -> Iterator[Daemons]:
     made = Daemons()
     yield made
     made.kill_all()
+
+
+# -- the production shapes: Redis over TLS, Postgres through a transaction-mode pooler ------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_redis() -> Iterator[RedisProc]:
+    """A private redis-server speaking only TLS (a throwaway CA), reached by ``rediss://`` with that CA."""
+    server = RedisProc(tls=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(servers: TestServers) -> Iterator[PgBouncer]:
+    """A private PgBouncer in transaction mode in front of the test Postgres, few server connections."""
+    bouncer = PgBouncer(servers.database_url).start()
+    yield bouncer
+    bouncer.stop()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from daemon.version import version
+
 if TYPE_CHECKING:
     from daemon.primitives.breaker import BreakerState
     from daemon.primitives.queue import QueueStats
@@ -202,6 +204,7 @@ def health(daemon: Daemon) -> HealthReport:
         {
             "timestamp": iso(time.time()),
             "status": status,
+            "version": version(),
             "checks": checks,
             "uptime_s": round(time.time() - daemon.started_at),
         },

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import asyncpg
 import httpx
 import redis.exceptions
 
@@ -36,16 +37,15 @@ from daemon.runtime.monitor import Monitor
 from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
-from daemon.store.migrations import pending_migrations
+from daemon.store.migrations import migrate
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
 from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
+from daemon.version import version
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    import asyncpg
 
     from daemon.config import Settings
 
@@ -86,7 +86,7 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run until stopped; the exit status (0 after a drain, 1 when something broke)."""
+        """Run until stopped; the exit status (0 after a drain, 1 when something broke, 78 when start cannot work)."""
         try:
             async with contextlib.AsyncExitStack() as stack:
                 stack.push_async_callback(self.parts.clients.aclose)
@@ -101,7 +101,10 @@ class Daemon:
                     outer.cancel_scope.cancel()
         except Exception as exc:  # task groups wrap what their tasks raise in ExceptionGroups
             cause = _single_cause(exc)
-            if isinstance(cause, (FatalStartError, OSError)) and not self._started:
+            if isinstance(cause, FatalStartError) and not self._started:
+                logger.critical("cannot start: %s; restarting cannot fix this", cause)
+                return Exit.CONFIG
+            if isinstance(cause, OSError) and not self._started:
                 logger.critical("cannot start: %s", cause)
             else:
                 logger.critical("daemon stopped by an unexpected error; exiting for a restart", exc_info=exc)
@@ -145,10 +148,17 @@ class Daemon:
         if pool is None:
             return None
         stack.push_async_callback(pool.close)
-        async with pool.acquire() as conn:
-            pending = await pending_migrations(conn)
-        if pending:
-            raise FatalStartError(f"the database lacks migrations {', '.join(pending)}: run `seatwatch migrate`")
+        # Migrations run here, in the main process, so a failing one ends `run` with Exit.CONFIG (78), which the
+        # unit's RestartPreventExitStatus honours (an ExecStartPre's exit status it would not).
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+        except CONNECTION_ERRORS:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise FatalStartError(f"a migration failed: {error_name(exc)}: {exc}") from exc
+        if applied:
+            logger.info("migrations applied: %s", ", ".join(applied))
         return pool
 
     async def _load_scripts(self, client: Any) -> bool:
@@ -234,7 +244,8 @@ class Daemon:
         self.notifier.ready(report.status_line(self))
         self._started = True
         logger.info(
-            "ready: consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
+            "ready: seatwatch %s, consumer %s, concurrency %d, cron %r in %s (%s), email via %s",
+            version(),
             settings.consumer,
             settings.concurrency,
             settings.cron,

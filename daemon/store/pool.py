@@ -2,7 +2,9 @@
 
 Supabase's pooler runs in session mode on port 5432 (prepared statements are fine) and in transaction mode
 on 6543, where a prepared statement may land on another server connection; there the statement cache is
-off. Nothing here relies on session state across transactions: the migration lock is transaction-scoped.
+off. Any other transaction-mode pooler (a PgBouncer on another port) says so in the DSN with
+``?statement_cache_size=0`` (taken out of the DSN before asyncpg sees it). Nothing here relies on session
+state across transactions: every lock is transaction-scoped, nothing is SET, LISTENed or made temporary.
 
 Opening a pool or a connection that cannot reach the server raises ``errors.StoreUnavailable`` (the
 driver's error as its cause). Queries on an open pool raise the driver's errors; ``CONNECTION_ERRORS`` names
@@ -12,13 +14,14 @@ the ones that mean "Postgres is away, not wrong", ``StoreUnavailable`` first.
 from __future__ import annotations
 
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from daemon.errors import StoreUnavailable
 
 TRANSACTION_POOLER_PORT: Final = 6543
+STATEMENT_CACHE_PARAM: Final = "statement_cache_size"
 
 # Connection-level failures: Postgres is away, not wrong. Jobs that hit these are deferred, not failed.
 CONNECTION_ERRORS: Final = (
@@ -37,14 +40,27 @@ CONNECTION_ERRORS: Final = (
 
 
 def connect_options(dsn: str) -> dict[str, Any]:
-    """asyncpg options for ``dsn``: no statement cache behind a transaction-mode pooler."""
-    options: dict[str, Any] = {"dsn": dsn, "command_timeout": 60}
+    """asyncpg options for ``dsn``: no statement cache behind a transaction-mode pooler.
+
+    Port 6543 (Supabase's transaction pooler) turns the cache off; ``?statement_cache_size=N`` in the DSN
+    sets it explicitly (0 for any transaction-mode pooler) and wins over the port.
+    """
+    options: dict[str, Any] = {"command_timeout": 60}
     try:
-        port = urlsplit(dsn).port
+        parts = urlsplit(dsn)
+        port = parts.port
     except ValueError:
-        port = None
+        options["dsn"] = dsn
+        return options
+    query = parse_qsl(parts.query, keep_blank_values=True)
     if port == TRANSACTION_POOLER_PORT:
         options["statement_cache_size"] = 0
+    cache = [value for name, value in query if name == STATEMENT_CACHE_PARAM]
+    if cache:
+        options["statement_cache_size"] = int(cache[-1])
+        rest = urlencode([(name, value) for name, value in query if name != STATEMENT_CACHE_PARAM])
+        dsn = urlunsplit(parts._replace(query=rest))
+    options["dsn"] = dsn
     return options
 
 

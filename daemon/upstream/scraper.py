@@ -15,15 +15,17 @@ class says whether the breaker should count it (``ScrapeError.breaker_failure``)
 from __future__ import annotations
 
 import json
+import math
 import re
+import unicodedata
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
 import orjson
 
-from daemon.config import scrape_url
-from daemon.detect import Drift, Observation
+from daemon.detect import STAFF, Drift, Observation
 from daemon.errors import (
     InvalidScrape,
     ScrapeError,
@@ -35,6 +37,7 @@ from daemon.errors import (
 MAX_BODY_BYTES: Final = 1_000_000
 MAX_SEATS: Final = 100_000
 DEFAULT_RETRY_AFTER_S: Final = 60.0
+_MAX_INT_DIGITS: Final = 4000  # below Python's int-from-text limit (4300 digits)
 MAX_RETRY_AFTER_S: Final = 3600.0
 _NOT_FOUND = re.compile(r"not\s+found", re.IGNORECASE)
 
@@ -101,21 +104,30 @@ def interpret(status: int, content: bytes, retry_after: str | None = None) -> Ob
 
 
 def _decode(content: bytes) -> Any:
-    """The JSON body of a 200. orjson refuses a lone surrogate escape (``"\\ud800"``), which a title scraped
-    from a web page can carry and JavaScript's JSON.stringify writes; the standard library takes it, and
-    ``describe`` replaces it, so one odd character in a title does not fail a seat decision."""
+    """The JSON body of a 200, read as leniently as the seat decision allows.
+
+    orjson is strict: it refuses a lone surrogate escape (``"\\ud800"``, which JavaScript's JSON.stringify
+    writes for a broken character in a scraped title), an invalid UTF-8 byte, and integers past 64 bits.
+    None of those touch a seat count, so the standard library gets a second go: bad bytes become U+FFFD,
+    integers too long for Python's int parser stay text (not a count, so a seat count like that is still
+    invalid), and only NaN and Infinity are refused outright.
+    """
     try:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(content, parse_constant=_refuse_constant)
+        return json.loads(content.decode("utf-8", "replace"), parse_constant=_refuse_constant, parse_int=_int_or_text)
     except (ValueError, RecursionError) as exc:
         raise InvalidScrape("scraper answered 200 with a body that is not JSON") from exc
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _int_or_text(digits: str) -> int | str:
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else digits
 
 
 def _error_message(content: bytes) -> str:
@@ -174,6 +186,8 @@ def parse_observation(body: Any) -> Observation:
         raise InvalidScrape("invalid scraper data: " + "; ".join(problems))
 
     drift: list[Drift] = []
+    if not KNOWN_FIELDS.issuperset(data):
+        drift.append(("extra", "unknown_field"))  # one fixed label: field names must not grow the metric
 
     def text(name: str) -> str | None:
         value, kinds = describe(name, data.get(name))
@@ -196,8 +210,7 @@ def parse_observation(body: Any) -> Observation:
 
 # -- describing fields ---------------------------------------------------------------------------------------
 
-# A describing field longer than its bound is cut there (with an ellipsis). A subject or catalog number over
-# its bound is not a course code at all, so it is unknown instead (the email then uses the watch's own).
+# A describing field longer than its bound is cut there (with an ellipsis).
 TEXT_LIMITS: Final[dict[str, int]] = {
     "subject": 32,
     "catalog_nbr": 32,
@@ -206,51 +219,83 @@ TEXT_LIMITS: Final[dict[str, int]] = {
     "location": 500,
     "meeting_times": 1000,
 }
-CODE_FIELDS: Final = frozenset({"subject", "catalog_nbr"})
+# A subject or catalog number not of a course code's shape ("N/A", "TBA", a sentence) is unknown instead, so
+# the email names the course as the student's watch does. The scraper sends 2-4 capitals and 3 digits.
+CODE_SHAPES: Final = {
+    "subject": re.compile(r"[A-Za-z]{1,8}"),
+    "catalog_nbr": re.compile(r"[0-9A-Za-z]{1,8}"),
+}
 # Fields the scraper always sends: their absence is drift. title, location and meeting times may be absent.
 EXPECTED_FIELDS: Final = frozenset({"subject", "catalog_nbr", "instructor"})
+KNOWN_FIELDS: Final = frozenset(
+    {*TEXT_LIMITS, "seats_available", "seats_capacity", "non_reserved_seats", "class_nbr", "term"}
+)
 _LIST_ITEMS: Final = 20
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _BREAKS: Final = re.compile(r"[\t\n\r]+")
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+_JOINERS: Final = frozenset("\u200c\u200d")  # kept in text: emoji and some scripts need them
 
 
 def describe(name: str, value: Any) -> tuple[str | None, list[str]]:
     """A describing field as the text a reader would prefer, or None for unknown; plus what was odd.
 
-    Never raises. Strings are cleaned (control characters dropped, line breaks made spaces, lone surrogates
-    replaced, trimmed) and cut to the field's bound; numbers become their text; a list of scalars becomes
-    its items joined with "; " (meeting times sent as a list); booleans, objects and blanks are unknown.
+    Never raises. Strings are cleaned (control and invisible format characters dropped, line breaks made
+    spaces, lone surrogates replaced, trimmed) and cut to the field's bound; numbers become their text; a list
+    of scalars becomes its items joined with "; " (meeting times sent as a list); booleans, objects and
+    blanks are unknown. The instructor is stricter, because a name is an edge (Staff -> a name emails): a
+    number is not a name, invisible characters do not make "Staff" a name, and a list is its names.
     """
     if value is None:
         return None, ["missing"] if name in EXPECTED_FIELDS else []
     if isinstance(value, bool):
         return None, ["bool"]
+    if name == "instructor" and isinstance(value, list):
+        return _instructors(value)
     kinds: list[str] = []
     if isinstance(value, str):
         raw = value
     elif isinstance(value, int | float):
-        if name == "instructor":  # a number is not somebody's name: it must not read as an assignment
+        if name == "instructor" or not math.isfinite(value):
             return None, ["number"]
         kinds.append("number")
         raw = _number_text(value)
     elif isinstance(value, list):
         kinds.append("list")
-        raw = "; ".join(item for item in map(_scalar_text, value[:_LIST_ITEMS]) if item)
+        raw = "; ".join(item for item in (_scalar_text(item, name) for item in value[:_LIST_ITEMS]) if item)
     else:
         return None, ["object"]
-    text = _clean(raw)
+    text = _clean(raw, name)
     if text != raw.strip():
         kinds.append("control_chars")
     if not text:
         return None, [*kinds, "blank"]
+    if name in CODE_SHAPES:
+        if not CODE_SHAPES[name].fullmatch(text):
+            return None, [*kinds, "not_a_code"]
+        return text, kinds
     limit = TEXT_LIMITS[name]
     if len(text) > limit:
         kinds.append("too_long")
-        if name in CODE_FIELDS:
-            return None, kinds
         text = text[: limit - 1].rstrip() + "\u2026"
     return text, kinds
+
+
+def _instructors(items: list[Any]) -> tuple[str | None, list[str]]:
+    """Several instructors: their names, once each, "; "-joined; Staff entries are not names."""
+    names: list[str] = []
+    staff = False
+    for item in items[:_LIST_ITEMS]:
+        name = _clean(item, "instructor") if isinstance(item, str) else ""
+        if name == STAFF:
+            staff = True
+        elif name and name not in names:
+            names.append(name)
+    if names:
+        text = "; ".join(names)
+        limit = TEXT_LIMITS["instructor"]
+        return (text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"), ["list"]
+    return (STAFF, ["list"]) if staff else (None, ["list", "blank"])
 
 
 def _number_text(value: float) -> str:
@@ -259,14 +304,27 @@ def _number_text(value: float) -> str:
     return str(value)
 
 
-def _scalar_text(item: Any) -> str:
+def _scalar_text(item: Any, name: str) -> str:
     if isinstance(item, str):
-        return _clean(item)
-    if isinstance(item, int | float) and not isinstance(item, bool):
+        return _clean(item, name)
+    if isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item):
         return _number_text(item)
     return ""
 
 
-def _clean(text: str) -> str:
-    """Printable, storable text: no control characters (Postgres refuses NUL), no lone surrogates."""
-    return _CONTROL.sub("", _BREAKS.sub(" ", _SURROGATE.sub("\ufffd", text))).strip()
+def _clean(text: str, name: str) -> str:
+    """Printable, storable text: no control characters (Postgres refuses NUL), no lone surrogates, and no
+    invisible format characters (zero-width spaces, soft hyphens, direction overrides) that could hide what
+    a value says; joiners stay in free text, where emoji need them, but never in a name or a code."""
+    text = _CONTROL.sub("", _BREAKS.sub(" ", _SURROGATE.sub("\ufffd", text)))
+    if not text.isascii():
+        keep = _JOINERS if name not in EXPECTED_FIELDS else frozenset()
+        text = "".join(ch for ch in text if ch in keep or unicodedata.category(ch) != "Cf")
+    return text.strip()
+
+
+def scrape_url(base: str) -> str:
+    """``{SCRAPER_URL}/scrape`` joined without a double slash (production had a trailing slash)."""
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/") + "/scrape"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

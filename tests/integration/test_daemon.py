@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
+from daemon.cron import group_for, slot_id
 from daemon.keys import Keys
-from daemon.scheduler import group_for, slot_id
 from tests.support.procs import Daemons, NotifySocket, daemon_env, run_cli
 from tests.support.proxy import postgres_proxy, redis_proxy
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear

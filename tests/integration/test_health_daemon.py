@@ -153,7 +153,7 @@ def test_health_reports_every_documented_check_and_no_secret(
 
 
 def test_port_in_use_stops_start_with_a_clear_message(
-    redis_url: str, database_url: str, clean_prefix: str, scraper: ScraperStub
+    redis_url: str, database_url: str, clean_prefix: str, scraper: ScraperStub, daemons: Daemons
 ) -> None:
     """A daemon whose health port is taken exits 1 at once, logging which address it cannot bind."""
     with socket.socket() as taken:
@@ -167,12 +167,8 @@ def test_port_in_use_stops_start_with_a_clear_message(
             scraper_url=scraper.url,
             health_port=port,
         )
-        daemon = DaemonProcess(env).start()
-        try:
-            code = daemon.wait(20)
-        finally:
-            with contextlib.suppress(Exception):
-                daemon.kill()
+        daemon = daemons.start(env)
+        code = daemon.wait(20)
     assert code == 1, daemon.logs()
     assert f"cannot start: health listener cannot bind 127.0.0.1:{port}" in daemon.logs()
 

@@ -717,6 +717,24 @@ def test_connect_options_disable_statement_cache_only_for_transaction_pooler(dsn
         assert "statement_cache_size" not in options
 
 
+@pytest.mark.parametrize(
+    ("dsn", "size", "left"),
+    [
+        ("postgresql://u@127.0.0.1:6432/db?statement_cache_size=0", 0, "postgresql://u@127.0.0.1:6432/db"),
+        (
+            "postgresql://u@h:6543/db?statement_cache_size=50&sslmode=require",
+            50,
+            "postgresql://u@h:6543/db?sslmode=require",
+        ),
+    ],
+)
+def test_the_dsn_sets_the_statement_cache_explicitly(dsn: str, size: int, left: str) -> None:
+    """``?statement_cache_size=N`` sets the cache (any port, a PgBouncer anywhere) and never reaches asyncpg."""
+    options = connect_options(dsn)
+    assert options["statement_cache_size"] == size
+    assert options["dsn"] == left
+
+
 async def test_migrate_works_without_statement_cache(empty_database_url: str) -> None:
     """migrate and seatwatch's calls work on a connection with the statement cache off (transaction pooler)."""
     conn = await asyncpg.connect(empty_database_url, statement_cache_size=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.errors import Exit
 from daemon.primitives.scripts import SCRIPTS, source
 from daemon.store.migrations import migrations
 
@@ -47,25 +48,31 @@ def test_every_script_resolves_its_includes() -> None:
 
 
 def test_unit_file_matches_the_daemon() -> None:
-    """Type=notify with a watchdog, stop timeout above the default drain grace, no restart loop on exit 78."""
+    """Type=notify with a watchdog, stop timeout above the default drain grace, migrations inside `run` (no
+    ExecStartPre), no restart on 78 or on unloadable credentials, the credential folder, log rate limits."""
+    text = (ROOT / "seatwatch.service").read_text()
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((ROOT / "seatwatch.service").read_text())
+    unit.read_string(text)
     service = unit["Service"]
     assert service["Type"] == "notify"
-    assert service["ExecStart"].endswith("seatwatch run")
-    assert service["ExecStartPre"].endswith("seatwatch migrate")
+    assert service["ExecStart"] == "/opt/seatwatch/current/venv/bin/seatwatch run"
+    assert "ExecStartPre" not in service
     assert int(service["TimeoutStopSec"]) > 60  # SEATWATCH_SHUTDOWN_GRACE_S default
     assert int(service["WatchdogSec"]) > 0
-    assert service["RestartPreventExitStatus"] == "78"
-    credentials = (ROOT / "seatwatch.service").read_text()
-    for name in ("database_url", "redis_url", "scraper_secret_token", "resend_api_key", "supabase_service_role_key"):
-        assert f"LoadCredential={name}:" in credentials
+    assert set(service["RestartPreventExitStatus"].split()) == {str(int(Exit.CONFIG)), "243"}
+    assert service["LoadCredential"] == "seatwatch:/etc/seatwatch/credentials"
+    assert text.count("LoadCredential=") == 1
+    assert service["EnvironmentFile"] == "/etc/seatwatch/seatwatch.env"
+    assert service["LogRateLimitIntervalSec"] == "30s"
+    assert int(service["LogRateLimitBurst"]) > 0
+    assert "\nMemoryDenyWriteExecute=" not in text
 
 
 def test_caddy_publishes_only_health() -> None:
-    """The Caddyfile proxies the health paths to the default listener and nothing else."""
+    """The Caddyfile proxies the health paths to the daemon's listener and nothing else; its site is a placeholder."""
     text = (ROOT / "Caddyfile").read_text()
     assert "@health path /api/monitoring/health /health" in text
-    assert "reverse_proxy 127.0.0.1:8080" in text
+    assert "reverse_proxy {$SEATWATCH_UPSTREAM:127.0.0.1:8080}" in text
+    assert "{$SEATWATCH_SITE:" in text
     assert "/metrics" not in text.split("@health", 1)[1].split("handle {", 1)[0]

@@ -66,6 +66,17 @@ class World:
         return list(await self.pool.fetch("SELECT * FROM seatwatch_outbox ORDER BY id"))
 
 
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def pool(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """Every pipeline test runs on a direct connection and through PgBouncer in transaction mode."""
+    url = database_url if request.param == "direct" else request.getfixturevalue("pgbouncer").url_for(database_url)
+    created = await create_pool(url, min_size=1, max_size=8)
+    try:
+        yield created
+    finally:
+        await created.close()
+
+
 @pytest.fixture
 async def world(pool: asyncpg.Pool, scraper: ScraperStub, resend: ResendStub) -> AsyncIterator[World]:
     await clear(pool)

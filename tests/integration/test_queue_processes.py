@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from daemon.primitives.queue import Queue
-from tests.support.queue_worker import done_key, parse_record, ready_key, started_key
+from tests.support.queue_worker import done_key, draining_key, parse_record, ready_key, started_key
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
@@ -277,7 +276,7 @@ async def test_second_sigterm_returns_running_jobs_with_attempts_unchanged(
     await queue.enqueue([section(1)])
     await eventually(lambda: r.llen(started_key(prefix)), 10, "the job to start")
     proc.send_signal(signal.SIGTERM)
-    await anyio.sleep(0.3)
+    await eventually(lambda: r.llen(draining_key(prefix)), 10, "the first SIGTERM to start the drain")
     proc.send_signal(signal.SIGTERM)
     assert await wait_exit(proc, 10) == 0, workers.log(proc)
     assert await records(r, done_key(prefix)) == []

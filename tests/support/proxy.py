@@ -11,9 +11,27 @@ import contextlib
 import select
 import socket
 import threading
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from daemon.commands.embedded import free_port
+
+
+@dataclass
+class Cut:
+    """Cut one proxied connection at the worst moment, ``times`` times.
+
+    ``mode="reply"``: the client's request containing ``pattern`` reaches the server (which runs it) and the
+    server's reply is dropped with the connection. ``mode="request"``: the request is dropped with the
+    connection, so the server only sees the client vanish (mid-transaction: a rollback). With ``after``, only
+    a connection that has already sent ``after`` (e.g. the claim of a section's transaction) is cut.
+    """
+
+    pattern: bytes
+    mode: str = "reply"
+    times: int = 1
+    after: bytes | None = None
+    fired: int = 0
 
 
 class TcpProxy:
@@ -26,6 +44,27 @@ class TcpProxy:
         self._accepting = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._cuts: list[Cut] = []
+
+    def arm(self, cut: Cut) -> Cut:
+        """Cut the next connection(s) that send ``cut.pattern`` (see ``Cut``); returns it to read ``fired``."""
+        with self._lock:
+            self._cuts.append(cut)
+        return cut
+
+    def _match(self, data: bytes, seen: set[bytes]) -> Cut | None:
+        with self._lock:
+            for cut in self._cuts:
+                if cut.after is not None and cut.after in data:
+                    seen.add(cut.after)
+            for cut in self._cuts:
+                if cut.fired >= cut.times or cut.pattern not in data:
+                    continue
+                if cut.after is not None and cut.after not in seen:
+                    continue
+                cut.fired += 1
+                return cut
+        return None
 
     def start(self) -> TcpProxy:
         self._listen()
@@ -93,6 +132,8 @@ class TcpProxy:
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         a.settimeout(None)
         b.settimeout(None)
+        seen: set[bytes] = set()  # the ``Cut.after`` patterns this client has sent
+        drop_reply = False
         try:
             while True:
                 readable, _, _ = select.select([a, b], [], [], 0.5)
@@ -102,6 +143,13 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if src is a and self._cuts:
+                        cut = self._match(data, seen)
+                        if cut is not None and cut.mode == "request":
+                            return  # the server never sees it; the finally closes both ends
+                        drop_reply = drop_reply or cut is not None
+                    elif src is b and drop_reply:
+                        return  # the server ran it; its reply is lost with the connection
                     (b if src is a else a).sendall(data)
         except (OSError, ValueError):
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -30,7 +30,7 @@ from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
 
 def record(ticket: Ticket, consumer: str) -> str:
@@ -56,6 +56,11 @@ def ready_key(prefix: str) -> str:
     return f"{prefix}:test:ready"
 
 
+def draining_key(prefix: str) -> str:
+    """Where a worker records that its first signal arrived (it drains from then on)."""
+    return f"{prefix}:test:draining"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.support.queue_worker")
     parser.add_argument("--redis", required=True, help="Redis URL")
@@ -71,13 +76,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def watch_signals(stopping: anyio.Event, work: anyio.CancelScope) -> None:
-    """First signal drains; a second one cancels the running jobs (they return to the stream)."""
+async def watch_signals(stopping: anyio.Event, work: anyio.CancelScope, draining: Callable[[], Awaitable[Any]]) -> None:
+    """First signal drains (and says so through ``draining``); a second one cancels the running jobs."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _signum in signals:
             if stopping.is_set():
                 work.cancel()
+                continue
             stopping.set()
+            await draining()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -124,7 +131,9 @@ async def main(args: argparse.Namespace) -> None:
 
         async with anyio.create_task_group() as outer:
             with anyio.CancelScope() as work:
-                outer.start_soon(watch_signals, stopping, work)
+                outer.start_soon(
+                    watch_signals, stopping, work, lambda: recorder.rpush(draining_key(args.prefix), args.consumer)
+                )
                 outer.start_soon(announce_ready)
                 await consumer.run(stopping)
             outer.cancel_scope.cancel()

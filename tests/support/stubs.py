@@ -29,6 +29,7 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    drop: bool = False  # close the connection without answering (an answer lost after the work was done)
 
 
 @dataclass
@@ -121,6 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, reply: Reply) -> None:
         if reply.delay_s:
             time.sleep(reply.delay_s)
+        if reply.drop:
+            self.close_connection = True
+            return
         payload = reply.body if isinstance(reply.body, bytes) else orjson.dumps(reply.body)
         try:
             self.send_response(reply.status)

@@ -16,12 +16,12 @@ from daemon.config import (
     NEEDS_REDIS,
     NEEDS_STORES,
     Settings,
-    scrape_url,
     secret_values,
-    shortest_cron_gap_s,
 )
+from daemon.cron import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import redact_url
+from daemon.upstream.scraper import scrape_url
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -216,6 +216,7 @@ BAD_VALUES = [
     ("DATABASE_URL", "mysql://db.example.com/x", "DATABASE_URL must start with postgres://, postgresql://"),
     ("DATABASE_URL", "postgresql:///postgres", "DATABASE_URL has no host"),
     ("DATABASE_URL", "postgresql://db.example.com:99999/x", "DATABASE_URL has an invalid port"),
+    ("DATABASE_URL", "postgresql://h:6432/x?statement_cache_size=off", "DATABASE_URL statement_cache_size must be"),
     ("SCRAPER_URL", "ftp://scraper.example.com", "SCRAPER_URL must start with http://, https://"),
     ("SCRAPER_URL", "https://", "SCRAPER_URL has no host"),
     ("SCRAPER_URL", "http://[::1", "SCRAPER_URL is not a valid URL"),
@@ -242,6 +243,7 @@ def test_bad_value_is_reported(name: str, value: str, message: str) -> None:
         ("DATABASE_URL", "postgres://u:p@localhost/db"),
         ("DATABASE_URL", "postgresql://postgres.abc:pw@aws-0-us-west-1.pooler.supabase.com:5432/postgres"),
         ("DATABASE_URL", "postgresql:///seatwatch?host=/run/postgresql"),
+        ("DATABASE_URL", "postgresql://app@127.0.0.1:6432/seatwatch?statement_cache_size=0"),
         ("DATABASE_URL", "postgresql://app:pw@/seatwatch?host=/var/run/postgresql&port=5433"),
         ("SCRAPER_URL", "http://127.0.0.1:3000/"),
         ("SCRAPER_URL", "https://scraper.example.com/api"),
@@ -295,6 +297,15 @@ def test_secret_from_credentials_directory(tmp_path: Path) -> None:
     s = parse(full_env(RESEND_API_KEY="", DATABASE_URL="", CREDENTIALS_DIRECTORY=str(tmp_path)))
     assert s.resend_api_key.reveal() == "re_from_credential"
     assert s.database_url.reveal() == "postgresql://app:credpw@db.example.com/postgres"
+
+
+def test_secret_from_the_units_credential_folder(tmp_path: Path) -> None:
+    """LoadCredential=seatwatch:/etc/seatwatch/credentials hands each file over as seatwatch_<name>."""
+    (tmp_path / "seatwatch_database_url").write_text("postgresql://app:folderpw@db.example.com/postgres\n")
+    (tmp_path / "seatwatch_scraper_secret_token").write_text("tok-from-folder")
+    s = parse(full_env(DATABASE_URL="", SCRAPER_SECRET_TOKEN="", CREDENTIALS_DIRECTORY=str(tmp_path)))
+    assert s.database_url.reveal() == "postgresql://app:folderpw@db.example.com/postgres"
+    assert s.scraper_token.reveal() == "tok-from-folder"
 
 
 def test_alias_secret_from_credentials_directory(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from daemon import logs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 SECRET = "tok-5ecr3t-value"
 LOGGER = "daemon.test"
@@ -251,3 +253,31 @@ def test_overlapping_secrets_scrubbed(restore_logging: None, monkeypatch: pytest
 def test_mask_email(address: str, masked: str) -> None:
     """mask_email keeps the first character and the domain, nothing else of the local part."""
     assert logs.mask_email(address) == masked
+
+
+def test_json_lines_carry_the_journald_priority_prefix_on_the_journal(
+    restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With stdout the journal (JOURNAL_STREAM names its device:inode), JSON lines start with <N> for journald."""
+    with (tmp_path / "stdout").open("w") as stdout:
+        info = os.fstat(stdout.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+        logs.configure(fmt="json", level="debug", stream=stdout)
+        logging.getLogger(LOGGER).warning("slow scrape of %s", "2261-12431")
+        logging.getLogger(LOGGER).info("tick done")
+    warning, info_line = (tmp_path / "stdout").read_text().splitlines()
+    assert warning.startswith('<4>{"')
+    assert json.loads(warning.removeprefix("<4>"))["msg"] == "slow scrape of 2261-12431"
+    assert info_line.startswith('<6>{"')
+
+
+def test_json_lines_are_bare_json_when_stdout_is_not_the_journal(
+    restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JOURNAL_STREAM inherited by a process whose stdout goes elsewhere (a pipe into jq) adds no prefix."""
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    with (tmp_path / "stdout").open("w") as stdout:
+        logs.configure(fmt="json", level="debug", stream=stdout)
+        logging.getLogger(LOGGER).warning("plain")
+    (line,) = (tmp_path / "stdout").read_text().splitlines()
+    assert json.loads(line)["priority"] == 4

@@ -126,7 +126,16 @@ def test_bad_counts_rejected(field: str, value: Any) -> None:
         ("instructor", {"name": "Ada"}, None, [("instructor", "object")]),
         ("subject", None, None, [("subject", "missing")]),
         ("subject", "", None, [("subject", "blank")]),
-        ("subject", "C" * 33, None, [("subject", "too_long")]),
+        ("subject", "C" * 33, None, [("subject", "not_a_code")]),
+        ("subject", "N/A", None, [("subject", "not_a_code")]),
+        ("catalog_nbr", "\u202e042", "042", [("catalog_nbr", "control_chars")]),
+        ("instructor", ["Staff", "Staff"], "Staff", [("instructor", "list")]),
+        ("instructor", ["Staff", 42, None], "Staff", [("instructor", "list")]),
+        ("instructor", ["Staff", "Ada L", "Ada L"], "Ada L", [("instructor", "list")]),
+        ("instructor", [], None, [("instructor", "list"), ("instructor", "blank")]),
+        ("instructor", "\u200b", None, [("instructor", "control_chars"), ("instructor", "blank")]),
+        ("instructor", "Sta\u00adff\u200b", "Staff", [("instructor", "control_chars")]),
+        ("title", "Chef \U0001f468\u200d\U0001f373", "Chef \U0001f468\u200d\U0001f373", []),
         ("catalog_nbr", 110, "110", [("catalog_nbr", "number")]),
         ("catalog_nbr", 110.0, "110", [("catalog_nbr", "number")]),
         ("title", "x" * 5000, "x" * 499 + "\u2026", [("title", "too_long")]),
@@ -159,6 +168,63 @@ def test_lone_surrogate_in_a_title_is_replaced_not_fatal() -> None:
     observation = interpret(200, raw)
     assert observation.title == "Caf\ufffd Intro"
     assert observation.seats_available == 2
+
+
+def test_strict_json_failures_a_browser_could_cause_are_read_leniently() -> None:
+    """An invalid UTF-8 byte in a title and an integer too long for Python in an extra field do not fail."""
+    raw = orjson.dumps(body(seats_available=2)).replace(b"Principles", b"Caf\xe9 Principles")
+    raw = raw.replace(b'"subject":"CSE"', b'"serial":' + b"9" * 5000 + b',"subject":"CSE"')
+    observation = interpret(200, raw)
+    assert observation.title == "Caf\ufffd Principles of Programming"
+    assert observation.seats_available == 2
+    assert ("extra", "unknown_field") in observation.drift
+
+
+def test_a_seat_count_too_long_for_python_is_invalid_not_a_crash() -> None:
+    """A 5,000-digit seat count is not a count: InvalidScrape, never a ValueError from int()."""
+    raw = orjson.dumps(body()).replace(b'"seats_available":0', b'"seats_available":' + b"7" * 5000)
+    with pytest.raises(InvalidScrape, match="seats_available is not a seat count"):
+        interpret(200, raw)
+
+
+def test_unknown_fields_are_one_drift_label() -> None:
+    """Fields nobody asked for are counted as drift under one fixed label, whatever their names."""
+    observation = ok(body(campus="TEMPE", **{f"x{i}": i for i in range(50)}))
+    assert observation.drift == (("extra", "unknown_field"),)
+
+
+INVISIBLE = st.lists(st.sampled_from(["\u200b", "\ufeff", "\u00ad", "\u200e", "\u202e", "\u2066", "\x00", "\x7f"]))
+INT64 = st.integers(-(2**63), 2**63 - 1)  # what orjson can write (the stub's encoder)
+SPACE = st.text(alphabet=" \t\n\r\u00a0\u3000", max_size=3)
+
+
+@st.composite
+def staff_like(draw: st.DrawFn) -> Any:
+    """ "Staff" with invisible characters inside and whitespace around, alone or in lists with non-names."""
+    chars = list("Staff")
+    for extra in draw(INVISIBLE):
+        chars.insert(draw(st.integers(0, len(chars))), extra)
+    word = draw(SPACE) + "".join(chars) + draw(SPACE)
+    return draw(
+        st.one_of(
+            st.just(word),
+            st.lists(st.one_of(st.just(word), st.none(), INT64, st.just(""), st.just("\u200b")), max_size=4),
+            INT64,
+            st.floats(),
+            st.just(draw(SPACE) + "".join(draw(INVISIBLE))),
+        )
+    )
+
+
+@given(instructor=staff_like())
+def test_staff_in_disguise_is_never_an_instructor_assignment(instructor: Any) -> None:
+    """From Staff, an instructor that is Staff, blank or not text once invisible characters go never emails."""
+    from daemon.detect import PreviousState, detect
+
+    observation = ok(body(instructor=instructor))
+    previous = PreviousState("seatwatch", "Staff", 0, None)
+    assert not detect(previous, observation).instructor_assigned
+    assert observation.instructor in (None, "Staff")
 
 
 def test_nan_seat_count_is_still_invalid() -> None:
