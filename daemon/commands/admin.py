@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from daemon.cron import group_for, next_slot
-from daemon.dispatcher import schedule_status
 from daemon.errors import Exit, LockBusy, driver_error, error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
 from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
+from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under
 from daemon.store import db

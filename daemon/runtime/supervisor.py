@@ -25,7 +25,7 @@ import redis.exceptions
 
 from daemon.backoff import Backoff
 from daemon.consumer import Consumer
-from daemon.dispatcher import CronWatch, Dispatcher, make_limit
+from daemon.dispatcher import Dispatcher, make_limit
 from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
@@ -34,6 +34,7 @@ from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime import report
 from daemon.runtime.health import HealthServer
 from daemon.runtime.monitor import Monitor
+from daemon.runtime.schedule import CronWatch
 from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from daemon.config import Settings
-from daemon.dispatcher import AdaptiveKeys, CronWatch, Dispatcher, make_limit
+from daemon.dispatcher import AdaptiveKeys, Dispatcher, make_limit
 from daemon.keys import Keys
 from daemon.limiter import AdaptiveLimit
 from daemon.pipeline import Pipeline
@@ -27,6 +27,7 @@ from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.runtime.metrics import Metrics
+from daemon.runtime.schedule import CronWatch
 from daemon.scheduler import Scheduler
 from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
