@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 
 EmailTransport = Literal["resend", "file"]
 Stagger = Literal["parity", "none"]  # parity: :00 checks even class numbers, :30 odd
+Schedule = Literal["cron", "adaptive"]  # SPEC §4 ticks, or §11 due times
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Needs = Literal["all", "database", "redis", "stores"]
 
 EMAIL_TRANSPORTS: Final[tuple[EmailTransport, ...]] = ("resend", "file")
 STAGGERS: Final[tuple[Stagger, ...]] = ("parity", "none")
+SCHEDULES: Final[tuple[Schedule, ...]] = ("cron", "adaptive")
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
@@ -91,6 +93,14 @@ class Settings:
     redis_budget_per_day: int
     log_format: LogFormat
     log_level: LogLevel
+    # SPEC §11. With ``concurrency_auto`` the in-flight scrapes adapt between 1 and ``concurrency_max``, and
+    # ``concurrency`` holds that ceiling (what pools and the queue size themselves for).
+    schedule: Schedule = "cron"
+    max_check_interval_s: int = 3600
+    min_check_interval_s: int = 120
+    scrapes_per_hour: int = 3600
+    concurrency_auto: bool = False
+    concurrency_max: int = 32
     # Which variables were validated as required (see ``from_env(needs=...)``).
     needs: Needs = field(default=NEEDS_ALL)
 
@@ -118,7 +128,8 @@ class Settings:
             "cron": self.cron,
             "timezone": self.timezone,
             "stagger": self.stagger,
-            "concurrency": self.concurrency,
+            "concurrency": "auto" if self.concurrency_auto else self.concurrency,
+            "schedule": self.schedule,
             "redis_prefix": self.redis_prefix,
             "consumer": self.consumer,
         }
@@ -329,7 +340,13 @@ class _Parser:
             self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
 
         stagger = self.choice("SEATWATCH_STAGGER", "parity", STAGGERS)
-        concurrency = self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
+        concurrency_max = self.integer("SEATWATCH_CONCURRENCY_MAX", 32, high=256)
+        concurrency_auto = (self.raw("SEATWATCH_CONCURRENCY") or "").strip().lower() == "auto"
+        concurrency = concurrency_max if concurrency_auto else self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
+        schedule = self.choice("SEATWATCH_SCHEDULE", "cron", SCHEDULES)
+        max_interval_s = self.integer("SEATWATCH_MAX_CHECK_INTERVAL_S", 3600, high=86400 * 7)
+        min_interval_s = self.integer("SEATWATCH_MIN_CHECK_INTERVAL_S", 120, high=86400 * 7)
+        scrapes_per_hour = self.integer("SEATWATCH_SCRAPES_PER_HOUR", 3600, high=10**7)
         health_host, health_port = self._listen(self.raw("SEATWATCH_HEALTH_LISTEN") or "127.0.0.1:8080")
         prefix = self.raw("SEATWATCH_REDIS_PREFIX") or "seatwatch"
         if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
@@ -367,6 +384,11 @@ class _Parser:
                     f"SEATWATCH_LOCK_TTL_S ({lock_ttl_s:g}) must be less than the cron period "
                     f"({period_s:g}s, the shortest gap between ticks of {cron!r})"
                 )
+        if min_interval_s > max_interval_s:
+            self.problems.append(
+                f"SEATWATCH_MIN_CHECK_INTERVAL_S ({min_interval_s}) must not exceed "
+                f"SEATWATCH_MAX_CHECK_INTERVAL_S ({max_interval_s})"
+            )
         if timeout_stop_s is not None and shutdown_grace_s >= timeout_stop_s:
             self.problems.append(
                 f"SEATWATCH_SHUTDOWN_GRACE_S ({shutdown_grace_s:g}) must be less than systemd's "
@@ -409,6 +431,12 @@ class _Parser:
             redis_budget_per_day=budget,
             log_format=log_format,
             log_level=log_level,
+            schedule=schedule,
+            max_check_interval_s=max_interval_s,
+            min_check_interval_s=min_interval_s,
+            scrapes_per_hour=scrapes_per_hour,
+            concurrency_auto=concurrency_auto,
+            concurrency_max=concurrency_max,
             needs=self.needs,
         )
 

@@ -129,6 +129,7 @@ class Scheduler:
         self.progress = progress
         self.now = now
         self.last_tick: TickResult | None = None
+        self.last_by_group: dict[str, TickResult] = {}  # for the falling-behind report (SPEC §11)
         self.holding: Grant | None = None  # while this daemon ticks
         self.last_busy: LockBusy | None = None  # the last time another holder had the lock
         self.waiting_for: datetime | None = None  # the slot we sleep towards or are running
@@ -245,6 +246,8 @@ class Scheduler:
         if result is None:
             return False
         self.last_tick = result
+        if not result.fenced:
+            self.last_by_group[result.group] = result
         self.metrics.ticks.labels("fenced" if result.fenced else "ok").inc()
         self.metrics.sections_enqueued.inc(result.enqueued)
         if result.fenced:

@@ -16,6 +16,7 @@ from daemon.errors import Exit, LockBusy, driver_error, error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
 from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
+from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under
 from daemon.store import db
@@ -83,15 +84,18 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         lock = await parts.lock.status()
         queue = await parts.queue.stats()
         today = await parts.ledger.today()
-    outbox: dict[str, Any]
-    try:
-        conn = await connect(settings.database_url.reveal())
+        outbox: dict[str, Any]
+        schedule: dict[str, Any]
         try:
-            outbox = await db.outbox_counts(conn)
-        finally:
-            await conn.close()
-    except (*CONNECTION_ERRORS, OSError) as exc:
-        outbox = {"pending": None, "failed": None, "error": error_name(exc)}
+            conn = await connect(settings.database_url.reveal())
+            try:
+                outbox = await db.outbox_counts(conn)
+                schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, conn)
+            finally:
+                await conn.close()
+        except (*CONNECTION_ERRORS, OSError) as exc:
+            outbox = {"pending": None, "failed": None, "error": error_name(exc)}
+            schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, None)
     now = time.time()
     last = orjson.loads(lock.last_tick) if lock.last_tick else None
     held = lock.holder if lock.locked else None
@@ -110,6 +114,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             "timezone": settings.timezone,
         },
         "redis_commands": projection(today, now, settings.redis_budget_per_day),
+        "schedule": schedule,
         "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
     }
 
@@ -140,12 +145,30 @@ async def status(settings: Settings, *, as_json: bool) -> int:
     )
     last = t["last"]
     print(f"ticks     last={last['slot'] + ' +' + str(last['enqueued']) if last else 'none'}  next={t['next']}")
+    print(_schedule_line(report["schedule"]))
     by = ", ".join(f"{k}={v}" for k, v in r["by_purpose"].items()) or "none yet"
     print(
         f"redis     today={r['today']} ({by}); projected {r['projected_day']}/day, {r['projected_month']}/month "
         f"against a budget of {r['budget_per_day']}/day"
     )
     return Exit.OK
+
+
+def _schedule_line(s: dict[str, Any]) -> str:
+    line = f"schedule  {s['mode']}"
+    if "coverage" in s:
+        line += (
+            f"  coverage={s['coverage']:.1%} behind={s['behind']} interval p50={s['interval_p50_s']}s "
+            f"p95={s['interval_p95_s']}s binding={s['binding']} scrapes last hour={s['scrapes_last_hour']}"
+        )
+    p = s.get("projection")
+    if p:
+        reach = f"{p['reachable_interval_s']:.0f}s" if p["reachable_interval_s"] is not None else "never"
+        line += (
+            f"\n          adaptive can reach: {p['watched']} watched ({p['hot']} with someone waiting) checked "
+            f"every {reach}; {p['binding']} binds" + (f" ({p['lift']} to go faster)" if p["lift"] else "")
+        )
+    return line
 
 
 async def breaker_reset(settings: Settings) -> int:

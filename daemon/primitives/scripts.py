@@ -35,6 +35,8 @@ SCRIPTS: Final = (
     "queue_stats",
     "dlq_requeue",
     "usage_flush",
+    "adaptive_take",
+    "adaptive_sync",
 )
 
 _INCLUDE = re.compile(r"^-- include: (\w+)\s*$", re.MULTILINE)

@@ -6,7 +6,7 @@ exposition, so a scrape never costs a Redis command.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -68,6 +68,16 @@ class Metrics:
             ["purpose"],
             registry=r,
         )
+        self.schedule = Gauge(
+            "seatwatch_schedule",
+            "Checking schedule (SPEC §11): coverage, behind, interval_p50_s, interval_p95_s, "
+            "scrapes_last_hour, concurrency_limit",
+            ["figure"],
+            registry=r,
+        )
+        self.schedule_binding = Gauge(
+            "seatwatch_schedule_binding", "1 for the budget that limits checking now", ["budget"], registry=r
+        )
         self._jobs_seen: dict[str, int] = {}
         self.snapshot_age = Gauge(
             "seatwatch_snapshot_age_seconds", "Age of the figures behind the gauges", ["source"], registry=r
@@ -82,8 +92,11 @@ class Metrics:
         redis_commands: Mapping[str, int],
         ages: Mapping[str, float | None],
         jobs: Mapping[str, int] | None = None,
+        schedule: Mapping[str, Any] | None = None,
     ) -> None:
         """Set the gauges from what the daemon last saw (``runtime.report`` calls this for /metrics)."""
+        if schedule is not None:
+            self._refresh_schedule(schedule)
         if queue is not None:
             for state, value in (
                 ("waiting", queue.waiting),
@@ -109,6 +122,17 @@ class Metrics:
         for source, age in ages.items():
             if age is not None:
                 self.snapshot_age.labels(source).set(age)
+
+    def _refresh_schedule(self, check: Mapping[str, Any]) -> None:
+        for figure in ("coverage", "behind", "interval_p50_s", "interval_p95_s", "scrapes_last_hour"):
+            value = check.get(figure)
+            if isinstance(value, (int, float)):
+                self.schedule.labels(figure).set(value)
+        concurrency = check.get("concurrency")
+        if isinstance(concurrency, dict) and isinstance(concurrency.get("limit"), int):
+            self.schedule.labels("concurrency_limit").set(concurrency["limit"])
+        for budget in ("scrapes_per_hour", "redis_budget_per_day", "scraper_capacity", "min_interval"):
+            self.schedule_binding.labels(budget).set(1 if check.get("binding") == budget else 0)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

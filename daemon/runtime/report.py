@@ -190,11 +190,13 @@ def health(daemon: Daemon) -> HealthReport:
         "configured": configured,
         "transport": settings.email_transport,
     }
+    checks["schedule"] = schedule_check(daemon)
     checks["configuration"] = {
         "status": "healthy",
         "consumer": settings.consumer,
-        "concurrency": settings.concurrency,
+        "concurrency": "auto" if settings.concurrency_auto else settings.concurrency,
         "stagger": settings.stagger,
+        "schedule": settings.schedule,
     }
     status = overall(checks)
     return HealthReport(
@@ -207,6 +209,15 @@ def health(daemon: Daemon) -> HealthReport:
             "uptime_s": round(time.time() - daemon.started_at),
         },
     )
+
+
+def schedule_check(daemon: Daemon) -> dict[str, Any]:
+    """SPEC §11's ``schedule`` check: adaptive figures, or cron's falling-behind report (from memory)."""
+    if daemon.dispatcher is not None:
+        return daemon.dispatcher.check()
+    if daemon.cron_watch is not None:
+        return daemon.cron_watch.check()
+    return {"status": "healthy", "mode": daemon.settings.schedule}
 
 
 def _lock_seen(daemon: Daemon) -> dict[str, Any]:
@@ -256,6 +267,7 @@ def metrics_exposition(daemon: Daemon) -> bytes:
         breaker=state.breaker if state else None,
         outbox=monitor.outbox_counts,
         redis_commands=dict(parts.clients.usage.total),
+        schedule=schedule_check(daemon),
         jobs={
             "completed": state.completed,
             "retried": state.retried,

@@ -25,18 +25,22 @@ import redis.exceptions
 
 from daemon.backoff import Backoff
 from daemon.consumer import Consumer
+from daemon.dispatcher import Dispatcher, make_limit
 from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
+from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime import report
 from daemon.runtime.health import HealthServer
 from daemon.runtime.monitor import Monitor
+from daemon.runtime.schedule import CronWatch
 from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
 from daemon.store.pool import CONNECTION_ERRORS, create_pool
+from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 from daemon.version import version
@@ -74,6 +78,8 @@ class Daemon:
         self.consumer: Consumer | None = None
         self.scheduler: Scheduler | None = None
         self.outbox: OutboxSender | None = None
+        self.dispatcher: Dispatcher | None = None  # SEATWATCH_SCHEDULE=adaptive
+        self.cron_watch: CronWatch | None = None
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
         self._started = False  # READY=1 was sent
@@ -194,7 +200,12 @@ class Daemon:
         )
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
-        pipeline = Pipeline(pool, scraper, renderer, parts.metrics, on_emails=self.outbox.wake)
+        limit = make_limit(settings)
+        gate = Gate(limit)
+        adaptive = settings.schedule == "adaptive"
+        # Adaptive checking holds the gate itself; the queue consumers wait for it inside the scraper call.
+        metered = MeteredScraper(scraper, limit, None if adaptive else gate)
+        pipeline = Pipeline(pool, metered, renderer, parts.metrics, on_emails=self.outbox.wake)
         self.consumer = Consumer(
             parts.queue,
             pipeline,
@@ -215,6 +226,20 @@ class Daemon:
             metrics=parts.metrics,
             progress=self.progress,
         )
+        if adaptive:
+            self.dispatcher = Dispatcher(
+                settings=settings,
+                clients=parts.clients,
+                keys=parts.keys,
+                scripts=parts.scripts,
+                breaker=BreakerConfig.from_settings(settings),
+                pool=pool,
+                pipeline=pipeline,
+                gate=gate,
+                progress=self.progress,
+            )
+        else:
+            self.cron_watch = CronWatch(self.scheduler)
         await self.monitor.probe(pool)
         logger.info("configuration: %s", settings.summary())
         self.notifier.ready(report.status_line(self))
@@ -234,7 +259,10 @@ class Daemon:
                 self._work_scope.deadline = anyio.current_time() + settings.shutdown_grace_s
             async with anyio.create_task_group() as work:
                 work.start_soon(self._essential, "consumer", self.consumer.run)
-                work.start_soon(self._essential, "scheduler", self.scheduler.run)
+                if self.dispatcher is not None:
+                    work.start_soon(self._essential, "dispatcher", self.dispatcher.run)
+                else:
+                    work.start_soon(self._essential, "scheduler", self.scheduler.run)
                 work.start_soon(self._essential, "outbox", self.outbox.run)
                 work.start_soon(
                     self._essential, "monitor", lambda stopping: self.monitor.run(pool, self._status_line, stopping)
@@ -247,6 +275,9 @@ class Daemon:
                 await parts.ledger.flush()
 
     def _status_line(self) -> str:
+        # The monitor asks every few seconds: the schedule check's hourly falling-behind warning rides along,
+        # so it is logged whether or not anyone probes health.
+        report.schedule_check(self)
         return report.status_line(self)
 
     async def _essential(self, name: str, loop: Callable[[anyio.Event], Awaitable[None]]) -> None:

@@ -126,3 +126,16 @@ async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, in
         "failed": int(row["failed"]),
         "failed_24h": int(row["failed_24h"]),
     }
+
+
+async def adaptive_sections(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every watched (term, class_nbr) with its waiting watchers and last check and change (adaptive planner)."""
+    return list(await conn.fetch("SELECT * FROM seatwatch_adaptive_sections()"))
+
+
+async def adaptive_counts(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, int]:
+    """How many sections are watched, and how many of them have someone an opening would email now."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS watched, count(*) FILTER (WHERE waiting > 0) AS hot FROM seatwatch_adaptive_sections()"
+    )
+    return (int(row["watched"]), int(row["hot"])) if row is not None else (0, 0)

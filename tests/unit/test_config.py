@@ -726,3 +726,45 @@ def test_passwords_with_slashes_ats_and_quotes_are_redacted(url: str, password: 
 
     assert password not in redact_url(url)
     assert url_passwords(url) == [password]
+
+
+def test_adaptive_settings_default_to_cron_and_the_old_promise() -> None:
+    """SPEC §11 defaults: cron schedule, 3600/120 s intervals, 3,600 scrapes/h, fixed concurrency, max 32."""
+    s = parse(full_env())
+    assert (s.schedule, s.max_check_interval_s, s.min_check_interval_s) == ("cron", 3600, 120)
+    assert (s.scrapes_per_hour, s.concurrency_auto, s.concurrency_max) == (3600, False, 32)
+
+
+def test_adaptive_settings_accept_compressed_time_and_auto_concurrency() -> None:
+    """Any whole number of seconds >= 1 (min <= max) and SEATWATCH_CONCURRENCY=auto up to the ceiling."""
+    s = parse(
+        full_env(
+            SEATWATCH_SCHEDULE="adaptive",
+            SEATWATCH_MIN_CHECK_INTERVAL_S="1",
+            SEATWATCH_MAX_CHECK_INTERVAL_S="1",
+            SEATWATCH_CONCURRENCY="auto",
+            SEATWATCH_CONCURRENCY_MAX="12",
+        )
+    )
+    assert (s.schedule, s.min_check_interval_s, s.max_check_interval_s) == ("adaptive", 1, 1)
+    assert s.concurrency_auto
+    assert s.concurrency == 12  # the ceiling sizes pools and connections
+
+
+def test_adaptive_settings_are_checked_together() -> None:
+    """A min above the max, a zero interval, a fractional one and an unknown schedule are all reported."""
+    found = problems_of(
+        full_env(
+            SEATWATCH_SCHEDULE="sometimes",
+            SEATWATCH_MIN_CHECK_INTERVAL_S="600",
+            SEATWATCH_MAX_CHECK_INTERVAL_S="300",
+            SEATWATCH_SCRAPES_PER_HOUR="0",
+            SEATWATCH_CONCURRENCY_MAX="1.5",
+        )
+    )
+    text = "\n".join(found)
+    assert "SEATWATCH_SCHEDULE" in text
+    assert "SEATWATCH_MIN_CHECK_INTERVAL_S (600) must not exceed SEATWATCH_MAX_CHECK_INTERVAL_S (300)" in text
+    assert "SEATWATCH_SCRAPES_PER_HOUR" in text
+    assert "SEATWATCH_CONCURRENCY_MAX" in text
+    assert problems_of(full_env(SEATWATCH_MIN_CHECK_INTERVAL_S="0"))
