@@ -32,14 +32,12 @@ from daemon.store.pool import create_pool
 from daemon.upstream.resend import ResendTransport
 from tests.integration.test_daemon import quiet_cron, watched
 from tests.integration.test_resilience import owed_emails
-from tests.support.procs import DaemonProcess, daemon_env
+from tests.support.procs import DaemonProcess, Daemons, daemon_env
 from tests.support.proxy import Cut, postgres_proxy, redis_proxy
 from tests.support.seed import clear
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub, ScraperStub
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import asyncpg
 
     from daemon.primitives.clients import RedisClients
@@ -52,16 +50,6 @@ TERM = "2261"
 
 def sha(script: str) -> bytes:
     return hashlib.sha1(source(script).encode()).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
-
-
-@pytest.fixture
-def procs() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
 
 
 async def until(check: object, proc: DaemonProcess, what: str, timeout_s: float = 30) -> None:
@@ -90,7 +78,7 @@ async def test_cycle_replies_lost_count_each_outcome_once(
     scripts: Scripts,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """Queue cycles that ran but whose replies were lost: every job settles once, each email goes once, and
     three failed scrapes count three breaker failures, not six; the same process throughout."""
@@ -115,8 +103,7 @@ async def test_cycle_replies_lost_count_each_outcome_once(
             health_port=None,
             **quiet_cron(),
         )
-        proc = DaemonProcess(env).start()
-        procs.append(proc)
+        proc = daemons.start(env)
         proc.wait_healthy()
         queue = Queue(
             redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="t"
@@ -155,7 +142,7 @@ async def test_lock_and_enqueue_replies_lost_still_run_the_slot_once(
     scripts: Scripts,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """The cron lock's acquire, the tick's enqueue and the lock's release each ran with their reply lost: the
     slot completes (marker done), the lock is free at once, not after its TTL, every email goes once."""
@@ -180,8 +167,7 @@ async def test_lock_and_enqueue_replies_lost_still_run_the_slot_once(
             SEATWATCH_TIMEZONE="UTC",
             SEATWATCH_STAGGER="none",
         )
-        proc = DaemonProcess(env).start()
-        procs.append(proc)
+        proc = daemons.start(env)
         queue = Queue(
             redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="t"
         )
@@ -225,7 +211,7 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
     scripts: Scripts,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """A section's transaction loses its connection mid-way, or after COMMIT ran with the reply lost: each
     owed email is delivered exactly once, soon, by the same process."""
@@ -247,8 +233,7 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
             health_port=None,
             **quiet_cron(),
         )
-        proc = DaemonProcess(env).start()
-        procs.append(proc)
+        proc = daemons.start(env)
         proc.wait_healthy()
         proxy.arm(cut)
         queue = Queue(

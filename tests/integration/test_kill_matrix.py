@@ -18,13 +18,11 @@ import pytest
 
 from daemon.primitives.queue import Queue
 from tests.integration.test_daemon import quiet_cron
-from tests.support.procs import DaemonProcess, daemon_env
+from tests.support.procs import DaemonProcess, Daemons, daemon_env
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import Reply, ResendStub, ScraperStub
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import asyncpg
 
     from daemon.keys import Keys
@@ -57,16 +55,6 @@ async def owed_and_ineligible(pool: asyncpg.Pool) -> tuple[list[str], list[str]]
     await add_watch(pool, await add_user(pool, "otherterm@example.edu"), "2264", SECTIONS[0])
     ineligible.append("otherterm@example.edu")
     return sorted(owed), ineligible
-
-
-@pytest.fixture
-def procs() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
 
 
 async def settled(pool: asyncpg.Pool, queue: Queue, resend: ResendStub, owed: int) -> bool:
@@ -121,7 +109,7 @@ async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_on
     scripts: Scripts,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """SIGKILL exactly at the point, restart: each owed email once, nothing to ineligible watchers."""
     owed, bad = await owed_and_ineligible(pool)
@@ -137,8 +125,7 @@ async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_on
         SEATWATCH_FAULT_POINT=point,
         **quiet_cron(),
     )
-    proc = DaemonProcess(env).start()
-    procs.append(proc)
+    proc = daemons.start(env)
     proc.wait_healthy()
     queue = Queue(
         redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="test"
@@ -150,7 +137,7 @@ async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_on
     restart_env = {k: v for k, v in env.items() if k != "SEATWATCH_FAULT_POINT"}
     proc.env = restart_env
     again = await restart_and_check_ledger(proc, pool, queue, resend, owed, bad)
-    procs.append(again)
+    daemons.started.append(again)
     assert again.stop() == 0
 
 
@@ -166,7 +153,7 @@ async def test_sigkill_while_the_batch_request_has_no_reply_then_restart_deliver
     scripts: Scripts,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """SIGKILL while Resend holds the batch's answer (having delivered it, or not yet): the restart resends the
     same batch under the same key, and each owed email is delivered exactly once."""
@@ -186,8 +173,7 @@ async def test_sigkill_while_the_batch_request_has_no_reply_then_restart_deliver
         health_port=None,
         **quiet_cron(),
     )
-    proc = DaemonProcess(env).start()
-    procs.append(proc)
+    proc = daemons.start(env)
     proc.wait_healthy()
     queue = Queue(
         redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="test"
@@ -200,6 +186,6 @@ async def test_sigkill_while_the_batch_request_has_no_reply_then_restart_deliver
     proc.kill()
     assert len(resend.deliveries) == (len(resend.requests[0].json()) if delivered else 0)
     again = await restart_and_check_ledger(proc, pool, queue, resend, owed, bad)
-    procs.append(again)
+    daemons.started.append(again)
     assert len({r.headers["Idempotency-Key"] for r in resend.requests}) <= 2
     assert again.stop() == 0

@@ -23,14 +23,14 @@ from daemon.store.migrations import migrate, migrations
 from daemon.store.pool import connect, create_pool
 from daemon.upstream.resend import ResendTransport
 from tests.integration.test_daemon import _true, quiet_cron, watched
-from tests.support.procs import DaemonProcess, NotifySocket, daemon_env, run_cli
+from tests.support.procs import Daemons, NotifySocket, daemon_env, run_cli
 from tests.support.seed import add_user, add_watch, clear
 from tests.support.shapes import PgBouncer
 from tests.support.stubs import RESEND_KEY, ResendStub, ScraperStub
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
 
     import asyncpg
 
@@ -186,16 +186,6 @@ async def test_two_senders_through_the_pooler_send_each_email_once(bounced: asyn
 # -- whole daemons in both shapes --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def procs() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["direct", "production"])
 async def test_a_daemon_delivers_in_both_shapes(
@@ -207,7 +197,7 @@ async def test_a_daemon_delivers_in_both_shapes(
     prefix: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """`run` + `tick` + `status` on plain Redis and a direct Postgres, and on TLS Redis and PgBouncer in
     transaction mode: every eligible watcher gets one email, nobody else, and no session lock is left."""
@@ -233,8 +223,7 @@ async def test_a_daemon_delivers_in_both_shapes(
             health_port=None,
             **quiet_cron(),
         )
-        proc = DaemonProcess(daemon_vars, notify=notify).start()
-        procs.append(proc)
+        proc = daemons.start(daemon_vars, notify=notify)
         notify.wait_for("READY=1")
         tick = run_cli("tick", "--group", "all", env=daemon_vars)
         assert tick.returncode == 0, tick.stderr

@@ -25,7 +25,7 @@ from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from tests.integration.test_daemon import quiet_cron, watched
-from tests.support.procs import DaemonProcess, daemon_env, run_cli
+from tests.support.procs import Daemons, daemon_env, run_cli
 from tests.support.seed import clear
 from tests.support.shapes import RedisProc
 from tests.support.stubs import Reply, ResendStub, ScraperStub, section_data
@@ -86,16 +86,6 @@ async def test_fencing_after_the_counter_is_lost(own_redis: RedisProc, own_clien
     assert await new_lock.release(new)
 
 
-@pytest.fixture
-def procs() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
-
-
 async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
     pool: asyncpg.Pool,
     own_redis: RedisProc,
@@ -103,7 +93,7 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
     database_url: str,
     scraper: ScraperStub,
     resend: ResendStub,
-    procs: list[DaemonProcess],
+    daemons: Daemons,
 ) -> None:
     """Redis restarted empty while two daemons work through a tick: both stay up (no restart) and healthy again,
     the next tick re-enqueues what was lost, and every owed email is delivered exactly once."""
@@ -125,11 +115,11 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
             SEATWATCH_CONSUMER=f"d{n}",
             **quiet_cron(),
         )
-        procs.append(DaemonProcess(env).start())
-    for proc in procs:
+        daemons.start(env)
+    for proc in daemons.started:
         proc.wait_healthy()
-    pids = [proc.process.pid for proc in procs if proc.process is not None]
-    assert run_cli("tick", "--group", "all", env=procs[0].env).returncode == 0
+    pids = [proc.process.pid for proc in daemons.started if proc.process is not None]
+    assert run_cli("tick", "--group", "all", env=daemons.started[0].env).returncode == 0
     deadline = time.monotonic() + 20
     while len(scraper.requests) < 3:
         assert time.monotonic() < deadline
@@ -137,10 +127,10 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
 
     own_redis.restart_empty()
     lost_at = time.monotonic()
-    for proc in procs:
+    for proc in daemons.started:
         proc.wait_healthy(timeout_s=30)
     recovered_s = time.monotonic() - lost_at
-    tick = run_cli("tick", "--group", "all", env=procs[1].env)  # the next tick: the lost jobs come back
+    tick = run_cli("tick", "--group", "all", env=daemons.started[1].env)  # the next tick: the lost jobs come back
     assert tick.returncode == 0, tick.stderr
     assert f"{len(sections)} enqueued" in tick.stdout  # Redis really forgot: every section is new to it
 
@@ -154,13 +144,15 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
         if len(resend.deliveries) >= len(emails) and unsent == 0 and stats.waiting == stats.pending == 0:
             break
         if time.monotonic() > deadline:
-            raise AssertionError(f"not settled: {resend.delivered_to()}\n" + "\n".join(p.logs() for p in procs))
+            raise AssertionError(
+                f"not settled: {resend.delivered_to()}\n" + "\n".join(p.logs() for p in daemons.started)
+            )
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)
     assert collections.Counter(resend.delivered_to()) == collections.Counter(emails)
-    assert [proc.process.pid for proc in procs if proc.process is not None] == pids
-    for proc in procs:
+    assert [proc.process.pid for proc in daemons.started if proc.process is not None] == pids
+    for proc in daemons.started:
         proc.assert_running()
     assert recovered_s < 30
-    for proc in procs:
+    for proc in daemons.started:
         assert proc.stop() == 0
