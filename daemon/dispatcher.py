@@ -1,10 +1,9 @@
 """Adaptive checking (SPEC §11): due times in Redis shared by every daemon, paced by one script call per batch.
 
-Three loops:
+Two loops and a task per check:
 
-* the planner reads Postgres (``seatwatch_adaptive_sections()``), plans an interval and a priority per
-  watched section within the budgets (``planner.py``) and writes them with ``adaptive_sync`` (one call
-  per 2,000 sections, and only when the plan changed or every ten minutes for the figures);
+* the replanner (``replanner.py``) reads Postgres, plans an interval and a priority per watched section
+  within the budgets and writes them with ``adaptive_sync``;
 * the taker calls ``adaptive_take`` once per batch: the script records the breaker outcomes of earlier
   checks, puts back failed or skipped ones, reserves evenly spaced scrape slots from the shared pace, asks
   the breaker, and leases the most valuable due sections into the slots (their due times move forward:
@@ -13,41 +12,37 @@ Three loops:
   pipeline as the queue consumers. A check that cannot start within ``late_s`` of its slot is skipped and
   put back, which is what keeps two checks of one section at least the minimum interval apart.
 
-Budgets: the pace's spacing is the smaller of the scrape budget and what the Redis day pays for (the
-daemons' idle floor set aside, at the commands per check this daemon measures); how many slots are taken
-at once follows the scraper's measured capacity. Every figure for health, metrics and status is kept in
-memory (``report()``): a probe costs no Redis command.
+How many slots are taken at once follows the scraper's measured capacity; the pace's spacing is the
+replanner's rate. Every figure for health, metrics and status is kept in memory (``adaptive.Figures``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-import zlib
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import orjson
 
-from daemon import planner
+from daemon.adaptive import PURPOSE, AdaptiveKeys, Figures, Timing
+from daemon.backoff import Backoff, Outage
 from daemon.consumer import Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
-from daemon.jobs import Job, usable_section
+from daemon.jobs import Job
 from daemon.limiter import AdaptiveLimit, FixedLimit, capacity_per_s
 from daemon.primitives.clients import REDIS_ERRORS
-from daemon.store import db
-from daemon.store.pool import CONNECTION_ERRORS
+from daemon.replanner import Replanner
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
     import asyncpg
     from anyio.abc import TaskGroup
 
+    from daemon import planner
     from daemon.config import Settings
     from daemon.keys import Keys
     from daemon.limiter import Limit
@@ -60,31 +55,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PURPOSE: Final = "adaptive"  # Redis commands of the take script
-PLAN_PURPOSE: Final = "adaptive_plan"  # and of the planner's writes
-SYNC_CHUNK: Final = 2000
-IDLE_FLOOR_PER_DAY: Final = 500.0  # SPEC §5: a waiting daemon's whole spend
-FIGURES_EVERY_S: Final = 600.0
-WARN_EVERY_S: Final = 3600.0
 IDLE_WAIT_S: Final = 900.0  # the longest the taker sleeps with nothing due (like the queue's idle block)
-DEFAULT_COMMANDS_PER_CHECK: Final = 0.25
-# The pace runs 3 % under the budget, so jitter in when checks actually start (an event loop that is late,
-# two daemons' replies arriving at different moments) never pushes any one minute over it.
-PACE_MARGIN: Final = 0.97
-
-
-class AdaptiveKeys:
-    """The adaptive schedule's keys, under the deployment's prefix."""
-
-    def __init__(self, keys: Keys) -> None:
-        p = f"{keys.prefix}:adaptive"
-        self.due, self.interval, self.prio, self.last = f"{p}:due", f"{p}:interval", f"{p}:prio", f"{p}:last"
-        self.gen, self.pace, self.scrapes = f"{p}:gen", f"{p}:pace", f"{p}:scrapes"
-        self.report, self.daemons = f"{p}:report", f"{p}:daemons"
-        self.breaker, self.breaker_trials = keys.breaker, keys.breaker_trials
 
 
 def make_limit(settings: Settings) -> Limit:
+    """The scraper's concurrency limit: measured (``SEATWATCH_CONCURRENCY=auto``) or fixed."""
     if settings.concurrency_auto:
         return AdaptiveLimit(low=1, high=settings.concurrency_max, initial=min(4, settings.concurrency_max))
     return FixedLimit(settings.concurrency)
@@ -92,6 +67,8 @@ def make_limit(settings: Settings) -> Limit:
 
 @dataclass(frozen=True)
 class Lease:
+    """A due section leased into a scrape slot by one take call."""
+
     member: str
     term: str
     class_nbr: str
@@ -102,31 +79,9 @@ class Lease:
     rtt_s: float = 0.0  # of the take call that leased it: how late start_at may be against Redis time
 
 
-@dataclass
-class Figures:
-    """What the schedule looks like, for health, metrics, status and the hourly warning."""
-
-    watched: int = 0
-    covered: int = 0
-    hot: int = 0
-    scrapes_last_hour: int = 0
-    daemons: int = 1
-    plan: planner.Plan | None = None
-    synced_at: float | None = None
-    checks: int = 0
-    skipped: int = 0
-    commands_per_check: float = DEFAULT_COMMANDS_PER_CHECK
-    intervals_s: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
-
-
-def _quantile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 class Dispatcher:
+    """Adaptive checking's runtime: the replanner, the taker, and the checks it leases."""
+
     def __init__(
         self,
         *,
@@ -144,48 +99,43 @@ class Dispatcher:
     ) -> None:
         self.settings = settings
         self.redis = clients.client(PURPOSE)
-        self.plan_redis = clients.client(PLAN_PURPOSE)
         self.usage = clients.usage
         self.keys = AdaptiveKeys(keys)
         self.scripts = scripts
         self.breaker = breaker
-        self.pool = pool
         self.pipeline = pipeline
         self.gate = gate
         self.progress = progress
         self.clock = clock
-        self.min_s = float(settings.min_check_interval_s)
-        self.max_s = float(settings.max_check_interval_s)
-        self.plan_every_s = plan_every_s or min(60.0, max(1.0, self.min_s / 2))
-        # An unchanged plan is written again this often, for fresh coverage figures (scaled with compressed time).
-        self.figures_every_s = min(FIGURES_EVERY_S, max(self.plan_every_s, self.max_s / 6))
-        # A check may start this late after its slot; due times carry the same margin (see the module doc).
-        self.late_s = min(1.0, 0.05 * self.min_s)
-        # Due times carry twice that: one for the lateness allowed, one for what the local check cannot see
-        # (the take reply's way back, the request's way out to the scraper).
-        self.margin_s = 2 * self.late_s
-        self._take_rtt_s = 0.0
+        self.timing = Timing.from_settings(settings, plan_every_s)
         self.figures = Figures()
-        self.rate_per_s = PACE_MARGIN * settings.scrapes_per_hour / 3600.0
+        self.replanner = Replanner(
+            settings=settings,
+            clients=clients,
+            keys=self.keys,
+            scripts=scripts,
+            pool=pool,
+            gate=gate,
+            timing=self.timing,
+            figures=self.figures,
+            on_change=self._poke_taker,
+            progress=progress,
+        )
+        self._take_rtt_s = 0.0
+        # Filled by the checks, sent (and emptied) by the next take call.
         self._outcomes: list[tuple[str, str]] = []
         self._retry: list[tuple[str, int]] = []
         self._release: list[tuple[str, int]] = []
         self._waiting = 0  # leased, not started yet
         self._poke = anyio.Event()
-        self._synced_digest = b""
-        self._gen = 0
-        self._last_warn = -math.inf
-        self._usage_mark = (0, 0)  # (adaptive commands, checks) at the last plan
         self.breaker_state: Any = None
         self._stopping = anyio.Event()
-        self._planned = anyio.Event()
-
-    # -- loops -------------------------------------------------------------------------------------------
 
     async def run(self, stopping: anyio.Event) -> None:
+        """Plan, take and check until ``stopping``; then hand back what was leased and not checked."""
         self._stopping = stopping
         async with anyio.create_task_group() as checks, anyio.create_task_group() as loops:
-            loops.start_soon(self._planner, stopping)
+            loops.start_soon(self.replanner.run, stopping)
             loops.start_soon(self._taker, checks, stopping)
             await stopping.wait()
             loops.cancel_scope.cancel()
@@ -200,124 +150,19 @@ class Dispatcher:
             self.progress.done("planner")
             self.progress.done("taker")
 
-    async def _planner(self, stopping: anyio.Event) -> None:
-        delay = 1.0
-        while not stopping.is_set():
-            self._expect("planner", self.plan_every_s)
-            try:
-                await self.plan_once()
-                delay = 1.0
-                wait_s = self.plan_every_s
-            except (*REDIS_ERRORS, *CONNECTION_ERRORS) as exc:
-                logger.warning("adaptive planner: %s; retrying in %.0fs", exc.__class__.__name__, delay)
-                wait_s, delay = delay, min(60.0, delay * 2)
-            with anyio.move_on_after(wait_s):
-                await stopping.wait()
-
     async def plan_once(self) -> planner.Plan:
-        """Read Postgres, plan within the budgets, write the plan when it changed; return it."""
-        rows = await db.adaptive_sections(self.pool)
-        now = time.time()
-        sections: list[planner.Section] = []
-        checked: dict[str, int] = {}
-        for r in rows:
-            if not usable_section(r["term"], r["class_nbr"]):
-                continue
-            sid = f"{r['term']}-{r['class_nbr']}"
-            moved = r["last_changed_at"]
-            sections.append(planner.Section(sid, int(r["waiting"]), now - moved.timestamp() if moved else None))
-            last = r["last_checked_at"]
-            checked[sid] = int(last.timestamp() * 1000) if last else 0
-        self._measure_cost()
-        # Intervals stop a little short of the maximum: a due time carries the margin, and the pace may slot a
-        # due section a moment later, yet the maximum is the promise.
-        plan_max_s = max(self.min_s, self.max_s * 0.98 - self.margin_s)
-        plan = planner.plan(sections, self.budgets(), min_s=self.min_s, max_s=plan_max_s)
-        plan = dataclasses.replace(plan, needed_per_s=len(sections) / self.max_s)  # against the promise itself
-        self.rate_per_s = PACE_MARGIN * min(self.settings.scrapes_per_hour / 3600.0, self.budgets().redis_per_s)
-        payload = [
-            [
-                s.id,
-                int(plan.intervals_s[s.id] * 1000),
-                plan.priorities[s.id],
-                checked[s.id],
-                zlib.crc32(s.id.encode()) % max(1, int(min(plan.intervals_s[s.id], self.max_s) * 1000)),
-            ]
-            for s in sections
-        ]
-        digest = orjson.dumps(sorted((p[0], p[1], p[2]) for p in payload))
-        stale = self.figures.synced_at is None or time.monotonic() - self.figures.synced_at >= self.figures_every_s
-        changed = digest != self._synced_digest
-        synced = False
-        if changed or stale:
-            if payload or self._synced_digest not in (b"", b"[]"):
-                await self._sync(payload, plan)
-                synced = True
-            self._synced_digest = digest
-            self.figures.synced_at = time.monotonic()
-        self.figures.plan = plan
-        self.figures.hot = plan.hot
-        if payload:
-            self._planned.set()
-        elif self._planned.is_set():
-            self._planned = anyio.Event()  # nothing watched any more: the taker goes quiet
-        if not payload:
-            self.figures.watched = self.figures.covered = 0
-        if changed and synced:
-            self._poke.set()  # new sections or intervals: the taker looks again now
-        self._warn_if_behind()
-        return plan
+        """One planning pass (the replanner's), for tests and benches that drive the schedule by hand."""
+        return await self.replanner.plan_once()
 
-    async def _sync(self, payload: list[list[Any]], plan: planner.Plan) -> None:
-        self._gen += 1
-        gen = f"{self.settings.consumer}:{time.time_ns()}"
-        chunks = [payload[i : i + SYNC_CHUNK] for i in range(0, len(payload), SYNC_CHUNK)] or [[]]
-        k = self.keys
-        keys = [k.due, k.interval, k.prio, k.last, k.gen, k.scrapes, k.report, k.daemons]
-        reply: dict[str, Any] = {}
-        for i, chunk in enumerate(chunks):
-            final = i == len(chunks) - 1
-            args = {
-                "gen": gen,
-                "final": final,
-                "max_ms": int(self.max_s * 1000),
-                "late_ms": int(self.margin_s * 1000),
-                "consumer": self.settings.consumer,
-                "daemon_ttl_ms": int(3 * self.figures_every_s * 1000),
-                "sections": chunk,
-                "report": self._report_for_status(plan) if final else {},
-            }
-            reply = await self.scripts.call_json("adaptive_sync", keys, [orjson.dumps(args).decode()], self.plan_redis)
-        logger.debug("adaptive sync: %d sections in %d calls", len(payload), len(chunks))
-        self.figures.watched = int(reply.get("watched", 0))
-        self.figures.covered = int(reply.get("covered", 0))
-        self.figures.scrapes_last_hour = int(reply.get("scrapes_last_hour", 0))
-        self.figures.daemons = max(1, int(reply.get("daemons", 1)))
+    def check(self) -> dict[str, Any]:
+        """The health endpoint's ``schedule`` check (SPEC §11), from memory."""
+        return self.figures.check(self.gate)
 
-    def budgets(self) -> planner.Budgets:
-        floor = IDLE_FLOOR_PER_DAY * self.figures.daemons + 86400 / self.figures_every_s
-        return planner.Budgets(
-            scrapes_per_s=self.settings.scrapes_per_hour / 3600.0,
-            redis_per_s=planner.redis_checks_per_s(
-                self.settings.redis_budget_per_day, floor, self.figures.commands_per_check
-            ),
-            capacity_per_s=capacity_per_s(self.gate.limit),
-        )
-
-    def _measure_cost(self) -> None:
-        """This daemon's adaptive commands per check since the last plan, smoothed."""
-        commands = self.usage.total[PURPOSE] + self.usage.total[PLAN_PURPOSE]
-        checks = self.figures.checks
-        d_commands, d_checks = commands - self._usage_mark[0], checks - self._usage_mark[1]
-        if d_checks >= 20:
-            measured = d_commands / d_checks
-            self.figures.commands_per_check = 0.7 * self.figures.commands_per_check + 0.3 * measured
-            self._usage_mark = (commands, checks)
-
-    # -- taking and checking -----------------------------------------------------------------------------
+    def _poke_taker(self) -> None:
+        self._poke.set()
 
     def _horizon_s(self) -> float:
-        spacing = 1.0 / max(self.rate_per_s, 1e-6)
+        spacing = 1.0 / max(self.replanner.rate_per_s, 1e-6)
         # About eight slots per call for each daemon sharing the pace (a quarter command per check and less),
         # at least half a second of work.
         return min(30.0, max(8 * spacing * self.figures.daemons, 0.5))
@@ -330,13 +175,13 @@ class Dispatcher:
         return max(0, starts - self._waiting)
 
     async def _taker(self, checks: TaskGroup, stopping: anyio.Event) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0, outage=Outage("adaptive taker: Redis", logger))
         while not stopping.is_set():
-            if not self._planned.is_set():
+            if not self.replanner.planned.is_set():
                 # Nothing to take before the first plan, nor while nothing is watched: no command at all.
                 self._expect("taker", IDLE_WAIT_S)
                 with anyio.move_on_after(IDLE_WAIT_S):
-                    await self._planned.wait()
+                    await self.replanner.planned.wait()
                 continue
             horizon_s = self._horizon_s()
             self._expect("taker", horizon_s)
@@ -345,12 +190,9 @@ class Dispatcher:
             try:
                 reply = await self._take(want, horizon_s) if want > 0 else None
             except REDIS_ERRORS as exc:
-                logger.warning("adaptive: take failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
-                with anyio.move_on_after(delay):
-                    await stopping.wait()
-                delay = min(30.0, delay * 2)
+                await backoff.wait(exc.__class__.__name__, stopping)
                 continue
-            delay = 0.5
+            backoff.succeeded()
             wait_s = horizon_s * 0.5
             if reply is not None:
                 now = self.clock()
@@ -393,9 +235,9 @@ class Dispatcher:
             "release": [list(r) for r in release],
             "want": want,
             "horizon_ms": int(horizon_s * 1000),
-            "spacing_ms": max(1, round(1000 / max(self.rate_per_s, 1e-6))),
-            "late_ms": int(self.margin_s * 1000),
-            "max_ms": int(self.max_s * 1000),
+            "spacing_ms": max(1, round(1000 / max(self.replanner.rate_per_s, 1e-6))),
+            "late_ms": int(self.timing.margin_s * 1000),
+            "max_ms": int(self.timing.max_s * 1000),
         }
         # An uncertain failure drops these outcomes rather than risk applying them twice: a breaker count
         # lost is harmless, a trial slot frees itself by its TTL, and a failed check comes due again anyway.
@@ -447,7 +289,7 @@ class Dispatcher:
             raise
         self._waiting -= 1
         try:
-            if self.clock() > lease.start_at + self.late_s - lease.rtt_s:
+            if self.clock() > lease.start_at + self.timing.late_s - lease.rtt_s:
                 # Started late, it could land within the minimum interval of the next check: put it back.
                 self.figures.skipped += 1
                 self._release.append((lease.member, lease.prev_ms))
@@ -464,7 +306,7 @@ class Dispatcher:
         self.figures.checks += 1
         if lease.prev_ms > 0:
             self.figures.intervals_s.append((lease.slot_ms - lease.prev_ms) / 1000)
-        retry_ms = int((self.min_s + self.margin_s) * 1000)
+        retry_ms = int((self.timing.min_s + self.timing.margin_s) * 1000)
         try:
             await self.pipeline(ticket)
         except DeferJob as exc:
@@ -481,79 +323,3 @@ class Dispatcher:
         finally:
             if ticket.trial or ticket.breaker != "n":
                 self._outcomes.append((ticket.breaker, ticket.trial))
-
-    # -- reporting ---------------------------------------------------------------------------------------
-
-    def check(self) -> dict[str, Any]:
-        """The health endpoint's ``schedule`` check (SPEC §11), from memory."""
-        f, plan = self.figures, self.figures.plan
-        behind = max(0, f.watched - f.covered)
-        degraded = behind > 0 or bool(plan and plan.behind)
-        intervals = list(f.intervals_s)
-        limit = self.gate.limit
-        binding = plan.binding if plan else None
-        return {
-            "status": "degraded" if degraded else "healthy",
-            "mode": "adaptive",
-            "watched": f.watched,
-            "hot": f.hot,
-            "coverage": round(f.covered / f.watched, 4) if f.watched else 1.0,
-            "behind": behind,
-            "interval_p50_s": _round(_quantile(intervals, 0.5)),
-            "interval_p95_s": _round(_quantile(intervals, 0.95)),
-            "hot_interval_s": _round(plan.hot_interval_s) if plan else None,
-            "binding": binding,
-            "lift": planner.LIFT.get(binding or "") if degraded else None,
-            "allowed_checks_per_hour": round(plan.allowed_per_s * 3600, 1) if plan else None,
-            "needed_checks_per_hour": round(plan.needed_per_s * 3600, 1) if plan else None,
-            "scrapes_last_hour": f.scrapes_last_hour,
-            "checks_here": f.checks,
-            "skipped_late": f.skipped,
-            "redis_commands_per_check": round(f.commands_per_check, 3),
-            "projected_redis_day": round(
-                IDLE_FLOOR_PER_DAY * f.daemons + (plan.spend_per_s if plan else 0) * 86400 * f.commands_per_check
-            ),
-            "concurrency": {
-                "mode": "auto" if isinstance(limit, AdaptiveLimit) else "fixed",
-                "limit": limit.limit,
-                "latency_floor_s": _round(limit.floor_s),
-                "latency_s": _round(limit.smoothed_s),
-                "in_flight": self.gate.in_flight,
-            },
-            "age_s": round(time.monotonic() - f.synced_at, 1) if f.synced_at else None,
-        }
-
-    def _report_for_status(self, plan: planner.Plan) -> dict[str, Any]:
-        return {
-            "binding": plan.binding,
-            "allowed_checks_per_hour": round(plan.allowed_per_s * 3600, 1),
-            "needed_checks_per_hour": round(plan.needed_per_s * 3600, 1),
-            "hot": plan.hot,
-            "hot_interval_s": _round(plan.hot_interval_s),
-            "interval_p50_s": _round(_quantile(list(self.figures.intervals_s), 0.5)),
-            "interval_p95_s": _round(_quantile(list(self.figures.intervals_s), 0.95)),
-            "capacity_per_hour": _round((self.budgets().capacity_per_s or 0) * 3600) or None,
-            "redis_commands_per_check": round(self.figures.commands_per_check, 3),
-            "by": self.settings.consumer,
-        }
-
-    def _warn_if_behind(self) -> None:
-        c = self.check()
-        if c["status"] != "degraded" or time.monotonic() - self._last_warn < WARN_EVERY_S:
-            return
-        self._last_warn = time.monotonic()
-        logger.warning(
-            "adaptive checking is behind: %d of %d watched sections not checked within %ds; "
-            "binding budget %s (allows %s checks/h, %s needed); to catch up: %s",
-            c["behind"],
-            c["watched"],
-            int(self.max_s),
-            c["binding"],
-            c["allowed_checks_per_hour"],
-            c["needed_checks_per_hour"],
-            c["lift"],
-        )
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)

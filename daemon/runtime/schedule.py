@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from daemon import planner
-from daemon.dispatcher import (
+from daemon.adaptive import (
     DEFAULT_COMMANDS_PER_CHECK,
     FIGURES_EVERY_S,
     IDLE_FLOOR_PER_DAY,

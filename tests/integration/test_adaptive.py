@@ -16,8 +16,9 @@ import httpx
 import orjson
 import pytest
 
+from daemon.adaptive import AdaptiveKeys
 from daemon.config import Settings
-from daemon.dispatcher import AdaptiveKeys, Dispatcher, make_limit
+from daemon.dispatcher import Dispatcher, make_limit
 from daemon.keys import Keys
 from daemon.limiter import AdaptiveLimit
 from daemon.pipeline import Pipeline
