@@ -17,7 +17,7 @@ import socket
 import zoneinfo
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from croniter import croniter
@@ -151,6 +151,55 @@ class Settings:
         return _Parser(os.environ if env is None else env, needs, hostname).parse(timeout_stop_s)
 
 
+# The groups ``_Parser`` reads, each unpacked into ``Settings`` (mypy checks every key and type).
+class _Services(TypedDict):
+    database_url: Secret
+    redis_url: Secret
+    scraper_url: str
+    scraper_token: Secret
+    resend_api_key: Secret
+    resend_api_url: str
+    from_email: str
+    site_url: str
+    unsubscribe_key: Secret
+
+
+class _Schedule(TypedDict):
+    cron: str
+    timezone: str
+    stagger: Stagger
+    concurrency: int
+    concurrency_auto: bool
+    concurrency_max: int
+    schedule: Schedule
+    max_check_interval_s: int
+    min_check_interval_s: int
+    scrapes_per_hour: int
+
+
+class _Identity(TypedDict):
+    health_host: str
+    health_port: int
+    redis_prefix: str
+    consumer: str
+
+
+class _Limits(TypedDict):
+    scraper_timeout_s: float
+    visibility_timeout_s: float
+    max_attempts: int
+    breaker_failures: int
+    breaker_recovery_s: float
+    breaker_successes: int
+    breaker_half_open_max: int
+    lock_ttl_s: float
+    misfire_grace_s: float
+    shutdown_grace_s: float
+    redis_budget_per_day: int
+    log_format: LogFormat
+    log_level: LogLevel
+
+
 class _Parser(EnvReader):
     """Reads seatwatch's variables into ``Settings``, collecting every problem (``EnvReader``)."""
 
@@ -179,13 +228,31 @@ class _Parser(EnvReader):
             if name == "statement_cache_size" and not value.isdigit():
                 self.problems.append(f"DATABASE_URL statement_cache_size must be a whole number (got {value!r})")
 
-    # -- the whole thing ---------------------------------------------------------------------------
+    # -- the whole thing, one group of variables at a time -------------------------------------------
 
     def parse(self, timeout_stop_s: float | None) -> Settings:
         transport = self.choice("SEATWATCH_EMAIL_TRANSPORT", "resend", EMAIL_TRANSPORTS)
-        resend = transport == "resend"
-        why_resend = " when SEATWATCH_EMAIL_TRANSPORT is resend"
+        services = self._services(resend=transport == "resend")
+        outbox_dir = self._outbox_dir(transport)
+        schedule = self._schedule()
+        identity = self._identity()
+        limits = self._limits()
+        self._cross_check(schedule, limits, timeout_stop_s)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Settings(
+            **services,
+            **schedule,
+            **identity,
+            **limits,
+            email_transport=transport,
+            outbox_dir=outbox_dir,
+            needs=self.needs,
+        )
 
+    def _services(self, *, resend: bool) -> _Services:
+        """Where the stores, the scraper and Resend are, and the secrets that open them."""
+        why_resend = " when SEATWATCH_EMAIL_TRANSPORT is resend"
         database_url = self.url(
             "DATABASE_URL",
             self.need("DATABASE_URL", self.secret("DATABASE_URL")),
@@ -210,7 +277,6 @@ class _Parser(EnvReader):
             when=resend,
             why=f"{why_resend} (it signs unsubscribe links; alias UNSUBSCRIBE_SIGNING_SECRET)",
         )
-
         site_primary, site_alias = self.raw("NEXT_PUBLIC_SITE_URL"), self.raw("SITE_URL")
         if site_primary and site_alias and site_primary.rstrip("/") != site_alias.rstrip("/"):
             self.problems.append("NEXT_PUBLIC_SITE_URL and SITE_URL are both set and differ; set one")
@@ -219,79 +285,7 @@ class _Parser(EnvReader):
             (site_primary or site_alias or "https://pickmyclass.app").rstrip("/"),
             ("http", "https"),
         )
-
-        outbox_dir_text = self.raw("SEATWATCH_OUTBOX_DIR")
-        outbox_dir = Path(outbox_dir_text) if outbox_dir_text else None
-        if transport == "file" and outbox_dir is None and self.needs == NEEDS_ALL:
-            self.problems.append("SEATWATCH_OUTBOX_DIR is required when SEATWATCH_EMAIL_TRANSPORT is file")
-
-        cron = self.raw("SEATWATCH_CRON") or "0,30 * * * *"
-        timezone = self.raw("SEATWATCH_TIMEZONE") or "America/Phoenix"
-        tz = self._zone(timezone)
-        cron_ok = croniter.is_valid(cron)
-        if not cron_ok:
-            self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
-
-        stagger = self.choice("SEATWATCH_STAGGER", "parity", STAGGERS)
-        concurrency_max = self.integer("SEATWATCH_CONCURRENCY_MAX", 32, high=256)
-        concurrency_auto = (self.raw("SEATWATCH_CONCURRENCY") or "").strip().lower() == "auto"
-        concurrency = concurrency_max if concurrency_auto else self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
-        schedule = self.choice("SEATWATCH_SCHEDULE", "cron", SCHEDULES)
-        max_interval_s = self.integer("SEATWATCH_MAX_CHECK_INTERVAL_S", 3600, high=86400 * 7)
-        min_interval_s = self.integer("SEATWATCH_MIN_CHECK_INTERVAL_S", 120, high=86400 * 7)
-        scrapes_per_hour = self.integer("SEATWATCH_SCRAPES_PER_HOUR", 3600, high=10**7)
-        health_host, health_port = self._listen(self.raw("SEATWATCH_HEALTH_LISTEN") or "127.0.0.1:8080")
-        prefix = self.raw("SEATWATCH_REDIS_PREFIX") or "seatwatch"
-        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
-            self.problems.append(
-                "SEATWATCH_REDIS_PREFIX may hold only letters, digits and _ . : - (1 to 64 characters)"
-            )
-        consumer = self.raw("SEATWATCH_CONSUMER") or self.hostname() or "seatwatch"
-        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", consumer):
-            self.problems.append("SEATWATCH_CONSUMER may hold only letters, digits and _ . : - (1 to 128 characters)")
-
-        scraper_timeout_s = self.seconds("SEATWATCH_SCRAPER_TIMEOUT_S", 90)
-        visibility_timeout_s = self.seconds("SEATWATCH_VISIBILITY_TIMEOUT_S", 300)
-        max_attempts = self.integer("SEATWATCH_MAX_ATTEMPTS", 3, high=100)
-        breaker_failures = self.integer("SEATWATCH_BREAKER_FAILURES", 10, high=10_000)
-        breaker_recovery_s = self.seconds("SEATWATCH_BREAKER_RECOVERY_S", 120)
-        breaker_successes = self.integer("SEATWATCH_BREAKER_SUCCESSES", 3, high=10_000)
-        breaker_half_open_max = self.integer("SEATWATCH_BREAKER_HALF_OPEN_MAX", 3, high=10_000)
-        lock_ttl_s = self.seconds("SEATWATCH_LOCK_TTL_S", 1500)
-        misfire_grace_s = self.seconds("SEATWATCH_MISFIRE_GRACE_S", 600, low=0)
-        shutdown_grace_s = self.seconds("SEATWATCH_SHUTDOWN_GRACE_S", 60, low=0)
-        budget = self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9)
-        log_format = self.choice("SEATWATCH_LOG_FORMAT", "text", LOG_FORMATS)
-        log_level = self.choice("SEATWATCH_LOG_LEVEL", "info", LOG_LEVELS)
-
-        # Cross-checks: relationships between values that are each fine alone.
-        if visibility_timeout_s <= scraper_timeout_s:
-            self.problems.append(
-                f"SEATWATCH_VISIBILITY_TIMEOUT_S ({visibility_timeout_s:g}) must be greater than "
-                f"SEATWATCH_SCRAPER_TIMEOUT_S ({scraper_timeout_s:g}), or running jobs get taken over"
-            )
-        if cron_ok and tz is not None:
-            period_s = shortest_cron_gap_s(cron, tz)
-            if lock_ttl_s >= period_s:
-                self.problems.append(
-                    f"SEATWATCH_LOCK_TTL_S ({lock_ttl_s:g}) must be less than the cron period "
-                    f"({period_s:g}s, the shortest gap between ticks of {cron!r})"
-                )
-        if min_interval_s > max_interval_s:
-            self.problems.append(
-                f"SEATWATCH_MIN_CHECK_INTERVAL_S ({min_interval_s}) must not exceed "
-                f"SEATWATCH_MAX_CHECK_INTERVAL_S ({max_interval_s})"
-            )
-        if timeout_stop_s is not None and shutdown_grace_s >= timeout_stop_s:
-            self.problems.append(
-                f"SEATWATCH_SHUTDOWN_GRACE_S ({shutdown_grace_s:g}) must be less than systemd's "
-                f"TimeoutStopSec ({timeout_stop_s:g}), or systemd kills the drain"
-            )
-
-        if self.problems:
-            raise ConfigError(self.problems)
-
-        return Settings(
+        return _Services(
             database_url=Secret(database_url),
             redis_url=Secret(redis_url),
             scraper_url=scraper_url,
@@ -301,43 +295,105 @@ class _Parser(EnvReader):
             from_email=from_email,
             site_url=site_url,
             unsubscribe_key=Secret(unsubscribe_key),
-            email_transport=transport,
-            outbox_dir=outbox_dir,
+        )
+
+    def _outbox_dir(self, transport: EmailTransport) -> Path | None:
+        text = self.raw("SEATWATCH_OUTBOX_DIR")
+        outbox_dir = Path(text) if text else None
+        if transport == "file" and outbox_dir is None and self.needs == NEEDS_ALL:
+            self.problems.append("SEATWATCH_OUTBOX_DIR is required when SEATWATCH_EMAIL_TRANSPORT is file")
+        return outbox_dir
+
+    def _schedule(self) -> _Schedule:
+        """When sections are checked (the cron, or adaptive intervals) and how many at once."""
+        cron = self.raw("SEATWATCH_CRON") or "0,30 * * * *"
+        timezone = self.raw("SEATWATCH_TIMEZONE") or "America/Phoenix"
+        self._zone(timezone)
+        if not croniter.is_valid(cron):
+            self.problems.append(f"SEATWATCH_CRON is not a valid cron expression: {cron!r}")
+        stagger = self.choice("SEATWATCH_STAGGER", "parity", STAGGERS)
+        concurrency_max = self.integer("SEATWATCH_CONCURRENCY_MAX", 32, high=256)
+        concurrency_auto = (self.raw("SEATWATCH_CONCURRENCY") or "").strip().lower() == "auto"
+        concurrency = concurrency_max if concurrency_auto else self.integer("SEATWATCH_CONCURRENCY", 4, high=256)
+        return _Schedule(
             cron=cron,
             timezone=timezone,
             stagger=stagger,
             concurrency=concurrency,
-            health_host=health_host,
-            health_port=health_port,
-            redis_prefix=prefix,
-            consumer=consumer,
-            scraper_timeout_s=scraper_timeout_s,
-            visibility_timeout_s=visibility_timeout_s,
-            max_attempts=max_attempts,
-            breaker_failures=breaker_failures,
-            breaker_recovery_s=breaker_recovery_s,
-            breaker_successes=breaker_successes,
-            breaker_half_open_max=breaker_half_open_max,
-            lock_ttl_s=lock_ttl_s,
-            misfire_grace_s=misfire_grace_s,
-            shutdown_grace_s=shutdown_grace_s,
-            redis_budget_per_day=budget,
-            log_format=log_format,
-            log_level=log_level,
-            schedule=schedule,
-            max_check_interval_s=max_interval_s,
-            min_check_interval_s=min_interval_s,
-            scrapes_per_hour=scrapes_per_hour,
             concurrency_auto=concurrency_auto,
             concurrency_max=concurrency_max,
-            needs=self.needs,
+            schedule=self.choice("SEATWATCH_SCHEDULE", "cron", SCHEDULES),
+            max_check_interval_s=self.integer("SEATWATCH_MAX_CHECK_INTERVAL_S", 3600, high=86400 * 7),
+            min_check_interval_s=self.integer("SEATWATCH_MIN_CHECK_INTERVAL_S", 120, high=86400 * 7),
+            scrapes_per_hour=self.integer("SEATWATCH_SCRAPES_PER_HOUR", 3600, high=10**7),
         )
 
-    def _zone(self, name: str) -> zoneinfo.ZoneInfo | None:
+    def _identity(self) -> _Identity:
+        """Where health listens, and the names this daemon goes by in Redis."""
+        health_host, health_port = self._listen(self.raw("SEATWATCH_HEALTH_LISTEN") or "127.0.0.1:8080")
+        prefix = self.raw("SEATWATCH_REDIS_PREFIX") or "seatwatch"
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", prefix):
+            self.problems.append(
+                "SEATWATCH_REDIS_PREFIX may hold only letters, digits and _ . : - (1 to 64 characters)"
+            )
+        consumer = self.raw("SEATWATCH_CONSUMER") or self.hostname() or "seatwatch"
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", consumer):
+            self.problems.append("SEATWATCH_CONSUMER may hold only letters, digits and _ . : - (1 to 128 characters)")
+        return _Identity(health_host=health_host, health_port=health_port, redis_prefix=prefix, consumer=consumer)
+
+    def _limits(self) -> _Limits:
+        """Timeouts, retries, the breaker, the lock, the Redis budget and the logs."""
+        return _Limits(
+            scraper_timeout_s=self.seconds("SEATWATCH_SCRAPER_TIMEOUT_S", 90),
+            visibility_timeout_s=self.seconds("SEATWATCH_VISIBILITY_TIMEOUT_S", 300),
+            max_attempts=self.integer("SEATWATCH_MAX_ATTEMPTS", 3, high=100),
+            breaker_failures=self.integer("SEATWATCH_BREAKER_FAILURES", 10, high=10_000),
+            breaker_recovery_s=self.seconds("SEATWATCH_BREAKER_RECOVERY_S", 120),
+            breaker_successes=self.integer("SEATWATCH_BREAKER_SUCCESSES", 3, high=10_000),
+            breaker_half_open_max=self.integer("SEATWATCH_BREAKER_HALF_OPEN_MAX", 3, high=10_000),
+            lock_ttl_s=self.seconds("SEATWATCH_LOCK_TTL_S", 1500),
+            misfire_grace_s=self.seconds("SEATWATCH_MISFIRE_GRACE_S", 600, low=0),
+            shutdown_grace_s=self.seconds("SEATWATCH_SHUTDOWN_GRACE_S", 60, low=0),
+            redis_budget_per_day=self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9),
+            log_format=self.choice("SEATWATCH_LOG_FORMAT", "text", LOG_FORMATS),
+            log_level=self.choice("SEATWATCH_LOG_LEVEL", "info", LOG_LEVELS),
+        )
+
+    def _cross_check(self, schedule: _Schedule, limits: _Limits, timeout_stop_s: float | None) -> None:
+        """Relationships between values that are each fine alone."""
+        visibility_s, scraper_s = limits["visibility_timeout_s"], limits["scraper_timeout_s"]
+        if visibility_s <= scraper_s:
+            self.problems.append(
+                f"SEATWATCH_VISIBILITY_TIMEOUT_S ({visibility_s:g}) must be greater than "
+                f"SEATWATCH_SCRAPER_TIMEOUT_S ({scraper_s:g}), or running jobs get taken over"
+            )
+        cron, lock_ttl_s = schedule["cron"], limits["lock_ttl_s"]
+        tz = self._zone(schedule["timezone"], report=False)
+        if croniter.is_valid(cron) and tz is not None:
+            period_s = shortest_cron_gap_s(cron, tz)
+            if lock_ttl_s >= period_s:
+                self.problems.append(
+                    f"SEATWATCH_LOCK_TTL_S ({lock_ttl_s:g}) must be less than the cron period "
+                    f"({period_s:g}s, the shortest gap between ticks of {cron!r})"
+                )
+        min_s, max_s = schedule["min_check_interval_s"], schedule["max_check_interval_s"]
+        if min_s > max_s:
+            self.problems.append(
+                f"SEATWATCH_MIN_CHECK_INTERVAL_S ({min_s}) must not exceed SEATWATCH_MAX_CHECK_INTERVAL_S ({max_s})"
+            )
+        grace_s = limits["shutdown_grace_s"]
+        if timeout_stop_s is not None and grace_s >= timeout_stop_s:
+            self.problems.append(
+                f"SEATWATCH_SHUTDOWN_GRACE_S ({grace_s:g}) must be less than systemd's "
+                f"TimeoutStopSec ({timeout_stop_s:g}), or systemd kills the drain"
+            )
+
+    def _zone(self, name: str, *, report: bool = True) -> zoneinfo.ZoneInfo | None:
         try:
             return zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            self.problems.append(f"SEATWATCH_TIMEZONE is not a known time zone: {name!r}")
+            if report:
+                self.problems.append(f"SEATWATCH_TIMEZONE is not a known time zone: {name!r}")
             return None
 
     def _listen(self, text: str) -> tuple[str, int]:
