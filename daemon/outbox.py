@@ -31,9 +31,8 @@ import anyio
 
 from daemon import faults
 from daemon.backoff import Backoff, Outage, retry_delay_s
-from daemon.errors import EmailRejected, EmailRetry
+from daemon.errors import EmailRejected, EmailRetry, StoreUnavailable
 from daemon.store import outbox_queries as queries
-from daemon.store.pool import CONNECTION_ERRORS
 from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 
 if TYPE_CHECKING:
@@ -121,7 +120,7 @@ class OutboxSender:
                 if self.clock() >= next_purge:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
-            except CONNECTION_ERRORS as exc:
+            except (StoreUnavailable, OSError) as exc:  # OSError: the file transport's disk (full, gone)
                 # A batch this sender had leased may have been cut off mid-way (sent, not yet marked): once
                 # Postgres answers, free it for a resend under its key now rather than after its lease.
                 leases_released = False

@@ -25,6 +25,7 @@ from daemon.errors import (
     ScrapeRateLimited,
     ScrapeRejected,
     SectionNotFound,
+    StoreUnavailable,
 )
 from daemon.logs import mask_email
 from daemon.store import db
@@ -105,7 +106,7 @@ class Pipeline:
 
         try:
             result = await self.record_retrying(job.id, job.term, job.class_nbr, observation)
-        except db.CONNECTION_ERRORS as exc:
+        except StoreUnavailable as exc:
             self.metrics.sections.labels("db_unavailable").inc()
             raise DeferJob(f"Postgres unavailable: {exc.__class__.__name__}", DB_OUTAGE_DEFER_S) from exc
 
@@ -144,7 +145,7 @@ class Pipeline:
         """
         try:
             return await self.record(term, class_nbr, observation)
-        except db.CONNECTION_ERRORS as exc:
+        except StoreUnavailable as exc:
             logger.warning(
                 "section %s: Postgres connection lost (%s); once more on a fresh connection",
                 job_id,

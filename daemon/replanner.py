@@ -34,11 +34,11 @@ from daemon.adaptive import (
     round2,
 )
 from daemon.backoff import Backoff, Outage
+from daemon.errors import StoreUnavailable
 from daemon.jobs import usable_section
 from daemon.limiter import capacity_per_s
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.store import db
-from daemon.store.pool import CONNECTION_ERRORS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -104,7 +104,7 @@ class Replanner:
                 self.progress.expect("planner", self.timing.plan_every_s + 120)
             try:
                 await self.plan_once()
-            except (*REDIS_ERRORS, *CONNECTION_ERRORS) as exc:
+            except (StoreUnavailable, *REDIS_ERRORS) as exc:
                 await backoff.wait(exc.__class__.__name__, stopping)
                 continue
             backoff.succeeded()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from daemon.cron import group_for, next_slot
-from daemon.errors import Exit, LockBusy, driver_error, error_name
+from daemon.errors import Exit, LockBusy, StoreUnavailable, driver_error, error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
 from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
@@ -20,7 +20,7 @@ from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under
 from daemon.store import db
-from daemon.store.pool import CONNECTION_ERRORS, connect, create_pool
+from daemon.store.pool import connect, create_pool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -66,7 +66,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
                     await parts.lock.release(grant)
             finally:
                 await pool.close()
-    except (*REDIS_ERRORS, OSError, *CONNECTION_ERRORS) as exc:
+    except (*REDIS_ERRORS, OSError) as exc:
         return _fail(f"tick failed: {error_name(exc)}: {driver_error(exc)}")
     if result.fenced:
         return _fail("the cron lock changed hands during the tick; nothing enqueued")
@@ -93,7 +93,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, conn)
             finally:
                 await conn.close()
-        except (*CONNECTION_ERRORS, OSError) as exc:
+        except (StoreUnavailable, OSError) as exc:
             outbox = {"pending": None, "failed": None, "error": error_name(exc)}
             schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, None)
     now = time.time()

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.exceptions
 
-from daemon.errors import error_name
+from daemon.errors import StoreUnavailable, error_name
 from daemon.primitives.clients import REDIS_ERRORS, RedisClients
 from daemon.primitives.scripts import Scripts
 from daemon.secret import redact_url
 from daemon.store.migrations import pending_migrations
-from daemon.store.pool import CONNECTION_ERRORS, connect, server_version
+from daemon.store.pool import connect, server_version
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -39,7 +39,7 @@ async def run_checks(settings: Settings) -> list[Result]:
 async def _postgres(settings: Settings) -> Result:
     try:
         conn = await connect(settings.database_url.reveal())
-    except (*CONNECTION_ERRORS, OSError) as exc:
+    except (StoreUnavailable, OSError) as exc:
         return (
             "postgres",
             False,

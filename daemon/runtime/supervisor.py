@@ -39,7 +39,7 @@ from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
-from daemon.store.pool import CONNECTION_ERRORS, create_pool
+from daemon.store.pool import create_pool
 from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
@@ -154,8 +154,6 @@ class Daemon:
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)
-        except CONNECTION_ERRORS:
-            raise
         except asyncpg.PostgresError as exc:
             raise FatalStartError(f"a migration failed: {error_name(exc)}: {exc}") from exc
         if applied:
@@ -179,7 +177,7 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 return await attempt()
-            except (StoreUnavailable, *CONNECTION_ERRORS) as exc:
+            except StoreUnavailable as exc:
                 wait_s = backoff.failed()
                 # Every try is logged: start-up is when an operator is watching.
                 logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
@@ -271,7 +269,7 @@ class Daemon:
         if self._work_scope.cancelled_caught:
             logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
         with anyio.move_on_after(5, shield=True):
-            with contextlib.suppress(*CONNECTION_ERRORS, *REDIS_ERRORS):
+            with contextlib.suppress(StoreUnavailable, *REDIS_ERRORS):
                 await parts.ledger.flush()
 
     def _status_line(self) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from daemon.detect import PreviousState
-from daemon.store.pool import CONNECTION_ERRORS as CONNECTION_ERRORS  # where pipeline and outbox look
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -6,9 +6,11 @@ off. Any other transaction-mode pooler (a PgBouncer on another port) says so in 
 ``?statement_cache_size=0`` (taken out of the DSN before asyncpg sees it). Nothing here relies on session
 state across transactions: every lock is transaction-scoped, nothing is SET, LISTENed or made temporary.
 
-Opening a pool or a connection that cannot reach the server raises ``errors.StoreUnavailable`` (the
-driver's error as its cause). Queries on an open pool raise the driver's errors; ``CONNECTION_ERRORS`` names
-the ones that mean "Postgres is away, not wrong", ``StoreUnavailable`` first.
+The outage boundary: a connection failure (refused, reset, timed out, the server shutting down) leaves this
+module as ``errors.StoreUnavailable``, with the driver's error as its ``__cause__``, wherever it happens:
+opening a pool or a connection, a pool opening one more, a query, a transaction's BEGIN, COMMIT or
+ROLLBACK, a connection's reset on release. Code above catches ``StoreUnavailable`` by name. Errors that mean
+"Postgres is here and says no" (a constraint, a syntax error) stay the driver's ``PostgresError``.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.transaction
 
 from daemon.errors import StoreUnavailable
 
 TRANSACTION_POOLER_PORT: Final = 6543
 STATEMENT_CACHE_PARAM: Final = "statement_cache_size"
 
-# Connection-level failures: Postgres is away, not wrong. Jobs that hit these are deferred, not failed.
-CONNECTION_ERRORS: Final = (
-    StoreUnavailable,
+# The driver's connection-level failures: Postgres is away, not wrong. Translated to StoreUnavailable here.
+_DRIVER_CONNECTION_ERRORS: Final = (
     OSError,
     ConnectionError,
     TimeoutError,
@@ -75,6 +77,86 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable("postgres", f"{exc.__class__.__name__}: {exc}")
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg ships no types
+    """asyncpg's connection, whose connection failures leave as ``StoreUnavailable``.
+
+    Every statement seatwatch sends goes through these methods (a pool's ``fetch`` and ``execute`` run them on
+    a pooled connection), and every transaction is a ``_Transaction``: asyncpg's ``Transaction`` checks the
+    connection itself before COMMIT or ROLLBACK and raises ``InterfaceError`` when it is gone.
+    """
+
+    def transaction(self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False) -> Any:
+        try:
+            super().transaction(isolation=isolation, readonly=readonly, deferrable=deferrable)  # checks it is open
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        return _Transaction(self, isolation, readonly, deferrable)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().executemany(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().fetch(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().fetchrow(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().fetchval(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+
+class _Transaction(asyncpg.transaction.Transaction):  # type: ignore[misc]
+    """``async with conn.transaction()``: a connection lost at BEGIN, COMMIT or ROLLBACK is ``StoreUnavailable``."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        try:
+            await super().__aenter__()
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+
+async def _open(*args: Any, **kwargs: Any) -> Connection:
+    """asyncpg's ``connect`` for the pool: a refusal leaves as ``StoreUnavailable``, and so does a connection
+    the server closed at once (the pool would raise the driver's error for it)."""
+    try:
+        conn: Connection = await asyncpg.connect(*args, **kwargs)
+    except _DRIVER_CONNECTION_ERRORS as exc:
+        raise _unavailable(exc) from exc
+    if conn.is_closed():
+        raise StoreUnavailable("postgres", "the server closed the connection as it opened")
+    return conn
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool that opens lazily beyond ``min_size`` and recycles idle connections."""
     try:
@@ -84,20 +166,16 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
             max_size=max_size,
             max_inactive_connection_lifetime=300,
             reset=_reset,
+            connect=_open,
+            connection_class=Connection,
         )
     except _DRIVER_CONNECTION_ERRORS as exc:
-        raise StoreUnavailable("postgres", f"{exc.__class__.__name__}: {exc}") from exc
+        raise _unavailable(exc) from exc
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
+async def connect(dsn: str) -> Connection:
     """One connection (migrations, admin commands), with the pool's options."""
-    try:
-        return await asyncpg.connect(**connect_options(dsn))
-    except _DRIVER_CONNECTION_ERRORS as exc:
-        raise StoreUnavailable("postgres", f"{exc.__class__.__name__}: {exc}") from exc
-
-
-_DRIVER_CONNECTION_ERRORS: Final = CONNECTION_ERRORS[1:]
+    return await _open(**connect_options(dsn), connection_class=Connection)
 
 
 async def ping(pool: asyncpg.Pool | asyncpg.Connection) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -74,7 +75,18 @@ class TcpProxy:
     def _listen(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        # Right after a cut, the old listener may live on for one accept timeout (the accept thread's poll
+        # holds it in the kernel after close): try again for a moment.
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise
+                time.sleep(0.01)
         sock.listen(64)
         sock.settimeout(0.05)
         self._listener = sock
