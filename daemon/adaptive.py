@@ -60,6 +60,7 @@ class Timing:
 
     @classmethod
     def from_settings(cls, settings: Settings, plan_every_s: float | None = None) -> Timing:
+        """The timing for these settings; ``plan_every_s`` overrides the planning period (tests, benches)."""
         min_s, max_s = float(settings.min_check_interval_s), float(settings.max_check_interval_s)
         plan_s = plan_every_s or min(60.0, max(1.0, min_s / 2))
         late_s = min(1.0, 0.05 * min_s)
@@ -130,6 +131,7 @@ class Figures:
 
 
 def quantile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile of ``values`` (nearest rank), None when there are none."""
     if not values:
         return None
     ordered = sorted(values)
@@ -137,4 +139,5 @@ def quantile(values: Sequence[float], q: float) -> float | None:
 
 
 def round2(value: float | None) -> float | None:
+    """Rounded to two places, None kept."""
     return None if value is None else round(value, 2)

@@ -26,6 +26,7 @@ class EnvReader:
         self._reported: set[str] = set()  # variables that already have a problem of their own
 
     def raw(self, name: str, *aliases: str) -> str | None:
+        """The first of ``name`` and its ``aliases`` that is set, stripped; None when none is."""
         for key in (name, *aliases):
             value = self.env.get(key)
             if value is not None and value.strip() != "":
@@ -70,6 +71,7 @@ class EnvReader:
         return value
 
     def url(self, name: str, value: str, schemes: tuple[str, ...]) -> str:
+        """``value``, with a problem unless it is a URL of one of ``schemes`` with a host (shown redacted)."""
         if not value:
             return value
         try:
@@ -92,6 +94,7 @@ class EnvReader:
         return value
 
     def choice(self, name: str, default: C, options: tuple[C, ...]) -> C:
+        """One of ``options`` (case-insensitive), or ``default`` and a problem."""
         value = (self.raw(name) or default).lower()
         for option in options:
             if value == option:
@@ -100,6 +103,7 @@ class EnvReader:
         return default
 
     def integer(self, name: str, default: int, *, low: int = 1, high: int = 10**9) -> int:
+        """A whole number within ``low``..``high``, or ``default`` and a problem."""
         text = self.raw(name)
         if text is None:
             return default
@@ -114,6 +118,7 @@ class EnvReader:
         return value
 
     def seconds(self, name: str, default: float, *, low: float = 0.001, high: float = 86400 * 7) -> float:
+        """A duration in seconds (fractions allowed) within ``low``..``high``, or ``default`` and a problem."""
         text = self.raw(name)
         if text is None:
             return default

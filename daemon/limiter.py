@@ -56,6 +56,7 @@ class AdaptiveLimit:
 
     @property
     def probing(self) -> bool:
+        """A probe above the limit is running (its latency samples decide whether the limit grows)."""
         return self._probe_until > self._now
 
     def tick(self, now: float) -> None:
@@ -117,16 +118,20 @@ class FixedLimit:
 
     @property
     def limit(self) -> int:
+        """The configured number of scrapes in flight."""
         return self.value_n
 
     @property
     def probing(self) -> bool:
+        """Never: a fixed limit does not probe."""
         return False
 
     def tick(self, now: float) -> None:
+        """Nothing to do: a fixed limit does not move."""
         return
 
     def sample(self, rtt_s: float, now: float, *, dropped: bool = False, in_flight: int | None = None) -> None:
+        """Keep the latency figures (for health); the limit itself does not move."""
         if dropped:
             return
         self.smoothed_s = rtt_s if self.smoothed_s is None else 0.9 * self.smoothed_s + 0.1 * rtt_s

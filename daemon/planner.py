@@ -33,6 +33,8 @@ LIFT: Final = {
 
 @dataclass(frozen=True)
 class Section:
+    """A watched section as the planner sees it."""
+
     id: str  # "{term}-{class_nbr}"
     waiting: int = 0  # eligible watchers whose seat_available claim is not held
     moved_age_s: float | None = None  # since seats or instructor last changed
@@ -57,6 +59,8 @@ class Budgets:
 
 @dataclass(frozen=True)
 class Plan:
+    """Each section's interval and priority, and what the plan spends against what the budgets allow."""
+
     intervals_s: dict[str, float]
     priorities: dict[str, int]
     allowed_per_s: float  # what the budgets allow

@@ -42,6 +42,7 @@ class CronWatch:
         self._last_warn = -math.inf
 
     def check(self) -> dict[str, Any]:
+        """The health endpoint's ``schedule`` check in cron mode; warns at most hourly while behind."""
         by_group = getattr(self.scheduler, "last_by_group", {})
         behind = sum(t.already_queued for t in by_group.values())
         sections = sum(t.sections for t in by_group.values())

@@ -34,10 +34,12 @@ class Gate:
         self._freed = anyio.Event()
 
     def free(self) -> int:
+        """Scrape slots free now (the limit ticked first, so an ended probe counts)."""
         self.limit.tick(self.clock())
         return max(0, self.limit.limit - self.in_flight)
 
     async def acquire(self) -> None:
+        """Wait for a free slot and take it."""
         while self.free() <= 0:
             freed = self._freed
             with anyio.move_on_after(1.0):  # a probe ending frees slots without a release
@@ -45,6 +47,7 @@ class Gate:
         self.in_flight += 1
 
     def release(self) -> None:
+        """Give a slot back and wake whoever waits for one."""
         self.in_flight -= 1
         self._freed.set()
         self._freed = anyio.Event()
@@ -60,6 +63,7 @@ class MeteredScraper(Scraper):
         self.in_flight = 0
 
     async def scrape(self, term: str, class_nbr: str) -> Observation:
+        """Scrape (inside the gate, when there is one) and report the latency, or the drop, to the limit."""
         if self.gate is not None:
             await self.gate.acquire()
         try:
