@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from daemon.keys import Keys
 from daemon.primitives.clients import RedisClients
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect, create_pool
@@ -94,6 +95,20 @@ async def scripts(redis_clients: RedisClients) -> Scripts:
     loaded = Scripts(redis_clients.client("startup"))
     await loaded.load(redis_clients.client("startup"))
     return loaded
+
+
+@pytest.fixture
+async def queue(redis_clients: RedisClients, keys: Keys, scripts: Scripts) -> Queue:
+    """The test's own handle on the queue, for enqueueing and reading stats (it consumes nothing)."""
+    made = Queue(
+        redis_clients.client("queue"),
+        redis_clients.client("queue", blocking=True),
+        keys,
+        scripts,
+        consumer="test",
+    )
+    await made.ensure_group()
+    return made
 
 
 # -- Postgres ------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -25,22 +24,22 @@ from daemon.cron import slot_id
 from daemon.keys import Keys
 from daemon.outbox import OutboxSender
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
-from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import source
 from daemon.runtime.metrics import Metrics
 from daemon.store.pool import create_pool
 from daemon.upstream.resend import ResendTransport
-from tests.integration.test_daemon import quiet_cron, watched
-from tests.integration.test_resilience import owed_emails
-from tests.support.procs import DaemonProcess, Daemons, daemon_env
+from tests.support.ledger import settled
+from tests.support.procs import Daemons, daemon_env, quiet_cron
 from tests.support.proxy import Cut, postgres_proxy, redis_proxy
-from tests.support.seed import clear
+from tests.support.seed import clear, owed_emails, watched
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub, ScraperStub
+from tests.support.wait import while_running
 
 if TYPE_CHECKING:
     import asyncpg
 
     from daemon.primitives.clients import RedisClients
+    from daemon.primitives.queue import Queue
     from daemon.primitives.scripts import Scripts
 
 pytestmark = pytest.mark.slow
@@ -52,23 +51,6 @@ def sha(script: str) -> bytes:
     return hashlib.sha1(source(script).encode()).hexdigest().encode()  # noqa: S324 - Redis names scripts by SHA-1
 
 
-async def until(check: object, proc: DaemonProcess, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout_s}s\n{proc.logs()}")
-        proc.assert_running()
-        await asyncio.sleep(0.1)
-
-
-async def quiet(pool: asyncpg.Pool, queue: Queue, resend: ResendStub, owed: int) -> bool:
-    if len(resend.deliveries) < owed:
-        return False
-    unsent = await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status <> 'sent'")
-    stats = await queue.stats()
-    return bool(unsent == 0 and stats.waiting == 0 and stats.pending == 0)
-
-
 async def test_cycle_replies_lost_count_each_outcome_once(
     pool: asyncpg.Pool,
     redis_url: str,
@@ -76,6 +58,7 @@ async def test_cycle_replies_lost_count_each_outcome_once(
     prefix: str,
     redis_clients: RedisClients,
     scripts: Scripts,
+    queue: Queue,
     scraper: ScraperStub,
     resend: ResendStub,
     daemons: Daemons,
@@ -105,12 +88,11 @@ async def test_cycle_replies_lost_count_each_outcome_once(
         )
         proc = daemons.start(env)
         proc.wait_healthy()
-        queue = Queue(
-            redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="t"
-        )
         cycle = proxy.arm(Cut(sha("queue_cycle"), times=3))
         await queue.enqueue([(TERM, c) for c in opening])
-        await until(lambda: quiet(pool, queue, resend, len(owed)), proc, "the openings settled")
+        await while_running(
+            lambda: settled(pool, queue, resend, len(owed), delayed=False), proc, "the openings settled"
+        )
         assert cycle.fired >= 1
 
         failures = proxy.arm(Cut(sha("queue_cycle"), times=3))
@@ -120,7 +102,7 @@ async def test_cycle_replies_lost_count_each_outcome_once(
             stats = await queue.stats()
             return stats.delayed == len(failing) and stats.pending == 0 and stats.waiting == 0
 
-        await until(retried, proc, "the failed scrapes waiting for a retry")
+        await while_running(retried, proc, "the failed scrapes waiting for a retry")
         assert failures.fired >= 1
         breaker = CircuitBreaker(redis_clients.client("breaker"), keys, scripts, BreakerConfig())
         assert (await breaker.status()).failures == len(failing)
@@ -138,8 +120,7 @@ async def test_lock_and_enqueue_replies_lost_still_run_the_slot_once(
     redis_url: str,
     database_url: str,
     prefix: str,
-    redis_clients: RedisClients,
-    scripts: Scripts,
+    queue: Queue,
     scraper: ScraperStub,
     resend: ResendStub,
     daemons: Daemons,
@@ -168,17 +149,16 @@ async def test_lock_and_enqueue_replies_lost_still_run_the_slot_once(
             SEATWATCH_STAGGER="none",
         )
         proc = daemons.start(env)
-        queue = Queue(
-            redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="t"
-        )
         admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
 
             async def slot_done() -> bool:
                 return bool(await admin.get(keys.slot(slot_id(slot))) == "done")
 
-            await until(slot_done, proc, "the slot marked done", timeout_s=45)
-            await until(lambda: quiet(pool, queue, resend, len(emails)), proc, "the slot's emails")
+            await while_running(slot_done, proc, "the slot marked done", timeout_s=45)
+            await while_running(
+                lambda: settled(pool, queue, resend, len(emails), delayed=False), proc, "the slot's emails"
+            )
             assert [c.fired for c in cuts] == [1, 1, 1]
             assert not await admin.exists(keys.lock)
         finally:
@@ -207,8 +187,7 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
     redis_url: str,
     database_url: str,
     prefix: str,
-    redis_clients: RedisClients,
-    scripts: Scripts,
+    queue: Queue,
     scraper: ScraperStub,
     resend: ResendStub,
     daemons: Daemons,
@@ -217,7 +196,6 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
     owed email is delivered exactly once, soon, by the same process."""
     cut = Cut(cut.pattern, mode=cut.mode, after=cut.after)  # a fresh counter per run
     await clear(pool)
-    keys = Keys(prefix)
     sections = [str(13530 + i) for i in range(2)]
     emails = await watched(pool, sections, per_section=2)
     for class_nbr in sections:
@@ -236,11 +214,10 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
         proc = daemons.start(env)
         proc.wait_healthy()
         proxy.arm(cut)
-        queue = Queue(
-            redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="t"
-        )
         await queue.enqueue([(TERM, c) for c in sections])
-        await until(lambda: quiet(pool, queue, resend, len(emails)), proc, "every email", timeout_s=20)
+        await while_running(
+            lambda: settled(pool, queue, resend, len(emails), delayed=False), proc, "every email", timeout_s=20
+        )
         assert cut.fired == 1
         await asyncio.sleep(0.5)
         assert collections.Counter(resend.delivered_to()) == collections.Counter(emails)

@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 
 from daemon.cron import group_for, slot_id
 from daemon.keys import Keys
-from tests.support.procs import Daemons, NotifySocket, daemon_env, run_cli
+from tests.support.procs import Daemons, NotifySocket, quiet_cron, run_cli, stub_env
 from tests.support.proxy import postgres_proxy, redis_proxy
-from tests.support.seed import add_legacy_state, add_user, add_watch, clear
+from tests.support.seed import clear, watched
 from tests.support.stubs import Reply, ResendStub, ScraperStub
 from tests.support.wait import eventually
 
@@ -25,37 +25,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 TERM = "2261"
-
-
-async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int = 1) -> list[str]:
-    """Watchers for each section, with legacy rows saying the section is full (so an opening notifies)."""
-    emails = []
-    for class_nbr in class_nbrs:
-        for i in range(per_section):
-            email = f"s{class_nbr}-{i}@example.edu"
-            await add_watch(pool, await add_user(pool, email), TERM, class_nbr)
-            emails.append(email)
-        await add_legacy_state(pool, TERM, class_nbr, seats=0)
-    return sorted(emails)
-
-
-def quiet_cron() -> dict[str, str]:
-    """A daily cron an hour ago: the daemon runs no tick of its own while the test drives it."""
-    hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    return {"SEATWATCH_CRON": f"{hour_ago.minute} {hour_ago.hour} * * *", "SEATWATCH_TIMEZONE": "UTC"}
-
-
-def env(
-    redis_url: str, database_url: str, prefix: str, scraper: ScraperStub, resend: ResendStub, **extra: Any
-) -> dict[str, str]:
-    return daemon_env(
-        redis_url=redis_url,
-        database_url=database_url,
-        prefix=prefix,
-        scraper_url=scraper.url,
-        resend_url=resend.url,
-        **extra,
-    )
 
 
 async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
@@ -76,7 +45,7 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
     notify = NotifySocket()
     try:
         # A daily cron an hour ago: no tick of its own during the test.
-        daemon_vars = env(
+        daemon_vars = stub_env(
             redis_url,
             database_url,
             prefix,
@@ -91,7 +60,7 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
         tick = run_cli("tick", "--group", "even", env=daemon_vars)
         assert tick.returncode == 0, tick.stderr
         assert "1 enqueued" in tick.stdout
-        await eventually(lambda: _true(len(resend.deliveries) == 1), what="the even section's email", timeout_s=20)
+        await eventually(lambda: len(resend.deliveries) == 1, what="the even section's email", timeout_s=20)
         assert resend.delivered_to() == ["s12340-0@example.edu"]
         assert scraper.calls(TERM, "12341") == 0
 
@@ -100,10 +69,6 @@ async def test_ready_manual_tick_delivers_and_sigterm_exits_zero(
         notify.wait_for("STOPPING=1", timeout_s=5)
     finally:
         notify.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_start_runs_the_missed_slot_within_grace_and_checks_its_parity(
@@ -123,10 +88,10 @@ async def test_start_runs_the_missed_slot_within_grace_and_checks_its_parity(
     slot = (datetime.now(UTC) - timedelta(minutes=5)).replace(second=0, microsecond=0)
     cron = f"{slot.minute} {slot.hour} * * *"
     proc = daemons.start(
-        env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_CRON=cron, SEATWATCH_TIMEZONE="UTC")
+        stub_env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_CRON=cron, SEATWATCH_TIMEZONE="UTC")
     )
     expected = {"even": ["12342", "12344"], "odd": ["12343", "12345"]}[group_for(slot, "parity")]
-    await eventually(lambda: _true(len(resend.deliveries) == 2), what="the slot's emails", timeout_s=20)
+    await eventually(lambda: len(resend.deliveries) == 2, what="the slot's emails", timeout_s=20)
     assert resend.delivered_to() == sorted(e for e in emails if e[1:6] in expected)
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -150,7 +115,7 @@ async def test_start_skips_a_slot_older_than_the_grace(
     await watched(pool, ["12346", "12347"])
     slot = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
     proc = daemons.start(
-        env(
+        stub_env(
             redis_url,
             database_url,
             prefix,
@@ -183,7 +148,7 @@ async def test_two_daemons_run_each_slot_once(
         scraper.set(TERM, class_nbr, seats=1)
     for n in range(2):
         daemons.start(
-            env(
+            stub_env(
                 redis_url,
                 database_url,
                 prefix,
@@ -197,9 +162,7 @@ async def test_two_daemons_run_each_slot_once(
             )
         )
     try:
-        await eventually(
-            lambda: _true(len(resend.deliveries) == len(sections)), what="every section's email", timeout_s=20
-        )
+        await eventually(lambda: len(resend.deliveries) == len(sections), what="every section's email", timeout_s=20)
     except AssertionError:
         raise AssertionError(daemons.logs()) from None
     await asyncio.sleep(1.5)
@@ -233,7 +196,7 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
     emails = await watched(pool, sections)
     for class_nbr in sections:
         scraper.script(TERM, class_nbr, Reply(200, {"success": True, "data": _data(seats=1)}, delay_s=1.0))
-    daemon_vars = env(
+    daemon_vars = stub_env(
         redis_url,
         database_url,
         prefix,
@@ -245,7 +208,7 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
     proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(scraper.requests) >= 2), what="scrapes in flight", timeout_s=20)
+    await eventually(lambda: len(scraper.requests) >= 2, what="scrapes in flight", timeout_s=20)
     started = time.monotonic()
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
@@ -253,7 +216,7 @@ async def test_sigterm_mid_work_drains_and_loses_nothing(
     assert "draining" in proc.logs()
 
     again = daemons.start(daemon_vars)
-    await eventually(lambda: _true(len(resend.deliveries) == len(sections)), timeout_s=30, what="every email")
+    await eventually(lambda: len(resend.deliveries) == len(sections), timeout_s=30, what="every email")
     await asyncio.sleep(1)
     assert resend.delivered_to() == emails
     assert again.stop() == 0
@@ -280,7 +243,7 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
     scraper.set(TERM, "12370", seats=3)
     # Resend takes the batch, delivers it, and is slow to answer: the daemon dies before the answer comes.
     resend.script(Reply(200, None, {"X-Stub-Deliver": "1"}, delay_s=5))
-    daemon_vars = env(
+    daemon_vars = stub_env(
         redis_url,
         database_url,
         prefix,
@@ -291,7 +254,7 @@ async def test_killed_between_commit_and_send_delivers_once_after_restart(
     proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(resend.requests) == 1), what="the first batch request", timeout_s=20)
+    await eventually(lambda: len(resend.requests) == 1, what="the first batch request", timeout_s=20)
     proc.kill()
     assert len(resend.deliveries) == 2
     assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status = 'pending'") == 2
@@ -322,7 +285,7 @@ async def test_killed_before_commit_sends_once_after_restart(
     await clear(pool)
     await watched(pool, ["12372"])
     scraper.script(TERM, "12372", Reply(200, {"success": True, "data": _data(seats=4)}, delay_s=3))
-    daemon_vars = env(
+    daemon_vars = stub_env(
         redis_url,
         database_url,
         prefix,
@@ -333,12 +296,12 @@ async def test_killed_before_commit_sends_once_after_restart(
     proc = daemons.start(daemon_vars)
     proc.wait_healthy()
     assert run_cli("tick", "--group", "all", env=daemon_vars).returncode == 0
-    await eventually(lambda: _true(len(scraper.requests) == 1), what="the scrape in flight", timeout_s=20)
+    await eventually(lambda: len(scraper.requests) == 1, what="the scrape in flight", timeout_s=20)
     proc.kill()
     assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox") == 0
 
     again = daemons.start(daemon_vars)
-    await eventually(lambda: _true(len(resend.deliveries) == 1), what="the email after restart", timeout_s=20)
+    await eventually(lambda: len(resend.deliveries) == 1, what="the email after restart", timeout_s=20)
     again.wait_for_log("resumed 1 unacknowledged jobs")
     await asyncio.sleep(1)
     assert resend.delivered_to() == ["s12372-0@example.edu"]
@@ -361,7 +324,7 @@ async def test_health_follows_redis_and_postgres_outages_without_restart(
     redis_cut, redis_via = redis_proxy(redis_url)
     pg_cut, pg_via = postgres_proxy(database_url)
     try:
-        daemon_vars = env(
+        daemon_vars = stub_env(
             redis_via,
             pg_via,
             prefix,
@@ -389,7 +352,7 @@ async def test_health_follows_redis_and_postgres_outages_without_restart(
         # The same process still works end to end after both outages.
         tick_vars = dict(daemon_vars, REDIS_URL=redis_url, DATABASE_URL=database_url)
         assert run_cli("tick", "--group", "all", env=tick_vars).returncode == 0
-        await eventually(lambda: _true(len(resend.deliveries) == 1), timeout_s=30, what="the email after outages")
+        await eventually(lambda: len(resend.deliveries) == 1, timeout_s=30, what="the email after outages")
         assert proc.stop() == 0
     finally:
         redis_cut.stop()
@@ -412,7 +375,7 @@ async def test_port_in_use_fails_start_clearly(
         taken.listen()
         port = taken.getsockname()[1]
         proc = daemons.start(
-            env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_HEALTH_LISTEN=f"127.0.0.1:{port}")
+            stub_env(redis_url, database_url, prefix, scraper, resend, SEATWATCH_HEALTH_LISTEN=f"127.0.0.1:{port}")
         )
         assert proc.wait(20) == 1
         assert f"127.0.0.1:{port}" in proc.logs()

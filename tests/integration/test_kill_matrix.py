@@ -11,23 +11,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-import time
 from typing import TYPE_CHECKING
 
 import pytest
 
-from daemon.primitives.queue import Queue
-from tests.integration.test_daemon import quiet_cron
-from tests.support.procs import DaemonProcess, Daemons, daemon_env
+from tests.support.ledger import settled
+from tests.support.procs import DaemonProcess, Daemons, daemon_env, quiet_cron
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
 from tests.support.stubs import Reply, ResendStub, ScraperStub
+from tests.support.wait import while_running
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from daemon.keys import Keys
-    from daemon.primitives.clients import RedisClients
-    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.queue import Queue
 
 pytestmark = pytest.mark.slow
 
@@ -57,25 +54,11 @@ async def owed_and_ineligible(pool: asyncpg.Pool) -> tuple[list[str], list[str]]
     return sorted(owed), ineligible
 
 
-async def settled(pool: asyncpg.Pool, queue: Queue, resend: ResendStub, owed: int) -> bool:
-    """Every owed email delivered, every outbox row sent, no job waiting or running."""
-    if len(resend.deliveries) < owed:
-        return False
-    unsent = await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status <> 'sent'")
-    stats = await queue.stats()
-    return bool(unsent == 0 and stats.waiting == 0 and stats.pending == 0 and stats.delayed == 0)
-
-
 async def restart_and_check_ledger(
     first: DaemonProcess, pool: asyncpg.Pool, queue: Queue, resend: ResendStub, owed: list[str], bad: list[str]
 ) -> DaemonProcess:
     again = DaemonProcess(first.env).start()
-    deadline = time.monotonic() + 30
-    while not await settled(pool, queue, resend, len(owed)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"ledger not settled: {resend.delivered_to()}\n{again.logs()}")
-        again.assert_running()
-        await asyncio.sleep(0.1)
+    await while_running(lambda: settled(pool, queue, resend, len(owed)), again, "the ledger settled")
     await asyncio.sleep(0.5)  # room for a duplicate to show up
     delivered = collections.Counter(resend.delivered_to())
     assert delivered == collections.Counter(owed), f"{delivered}\n{first.logs()}\n{again.logs()}"
@@ -104,9 +87,7 @@ async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_on
     redis_url: str,
     database_url: str,
     prefix: str,
-    redis_clients: RedisClients,
-    keys: Keys,
-    scripts: Scripts,
+    queue: Queue,
     scraper: ScraperStub,
     resend: ResendStub,
     daemons: Daemons,
@@ -127,9 +108,6 @@ async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_on
     )
     proc = daemons.start(env)
     proc.wait_healthy()
-    queue = Queue(
-        redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="test"
-    )
     await queue.enqueue([(TERM, c) for c in SECTIONS])
     assert proc.wait(30) == -signal.SIGKILL
     assert f"fault point {point} reached" in proc.logs()
@@ -148,9 +126,7 @@ async def test_sigkill_while_the_batch_request_has_no_reply_then_restart_deliver
     redis_url: str,
     database_url: str,
     prefix: str,
-    redis_clients: RedisClients,
-    keys: Keys,
-    scripts: Scripts,
+    queue: Queue,
     scraper: ScraperStub,
     resend: ResendStub,
     daemons: Daemons,
@@ -175,14 +151,8 @@ async def test_sigkill_while_the_batch_request_has_no_reply_then_restart_deliver
     )
     proc = daemons.start(env)
     proc.wait_healthy()
-    queue = Queue(
-        redis_clients.client("queue"), redis_clients.client("queue", blocking=True), keys, scripts, consumer="test"
-    )
     await queue.enqueue([(TERM, c) for c in SECTIONS])
-    deadline = time.monotonic() + 20
-    while not resend.requests:
-        assert time.monotonic() < deadline, proc.logs()
-        await asyncio.sleep(0.02)
+    await while_running(lambda: resend.requests, proc, "the batch request", timeout_s=20)
     proc.kill()
     assert len(resend.deliveries) == (len(resend.requests[0].json()) if delivered else 0)
     again = await restart_and_check_ledger(proc, pool, queue, resend, owed, bad)

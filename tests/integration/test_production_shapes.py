@@ -22,9 +22,8 @@ from daemon.store import db
 from daemon.store.migrations import migrate, migrations
 from daemon.store.pool import connect, create_pool
 from daemon.upstream.resend import ResendTransport
-from tests.integration.test_daemon import _true, quiet_cron, watched
-from tests.support.procs import Daemons, NotifySocket, daemon_env, run_cli
-from tests.support.seed import add_user, add_watch, clear
+from tests.support.procs import Daemons, NotifySocket, daemon_env, quiet_cron, run_cli
+from tests.support.seed import add_user, add_watch, clear, watched
 from tests.support.shapes import PgBouncer
 from tests.support.stubs import RESEND_KEY, ResendStub, ScraperStub
 from tests.support.wait import eventually
@@ -227,7 +226,7 @@ async def test_a_daemon_delivers_in_both_shapes(
         notify.wait_for("READY=1")
         tick = run_cli("tick", "--group", "all", env=daemon_vars)
         assert tick.returncode == 0, tick.stderr
-        await eventually(lambda: _true(len(resend.deliveries) == len(emails)), what="every email")
+        await eventually(lambda: len(resend.deliveries) == len(emails), what="every email")
         status = run_cli("status", "--json", env=daemon_vars)
         assert status.returncode == 0, status.stderr
         body = orjson.loads(status.stdout)

@@ -17,7 +17,6 @@ from typing import IO, TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.primitives.queue import Queue
 from tests.support.queue_worker import done_key, draining_key, parse_record, ready_key, started_key
 from tests.support.wait import eventually
 
@@ -25,8 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
     from daemon.keys import Keys
-    from daemon.primitives.clients import RedisClients
-    from daemon.primitives.scripts import Scripts
+    from daemon.primitives.queue import Queue
 
 pytestmark = pytest.mark.slow
 
@@ -101,20 +99,6 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
-
-
-@pytest.fixture
-async def queue(redis_clients: RedisClients, keys: Keys, scripts: Scripts) -> Queue:
-    """The test's own handle on the queue, for enqueueing (it consumes nothing)."""
-    made = Queue(
-        redis_clients.client("queue"),
-        redis_clients.client("queue", blocking=True),
-        keys,
-        scripts,
-        consumer="test",
-    )
-    await made.ensure_group()
-    return made
 
 
 async def records(r: aioredis.Redis, key: str) -> list[tuple[str, int, str]]:

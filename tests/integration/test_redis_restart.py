@@ -24,9 +24,8 @@ from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
-from tests.integration.test_daemon import quiet_cron, watched
-from tests.support.procs import Daemons, daemon_env, run_cli
-from tests.support.seed import clear
+from tests.support.procs import Daemons, daemon_env, quiet_cron, run_cli
+from tests.support.seed import clear, watched
 from tests.support.shapes import RedisProc
 from tests.support.stubs import Reply, ResendStub, ScraperStub, section_data
 

@@ -23,7 +23,7 @@ from daemon.scheduler import Scheduler, enqueue_under
 from daemon.settlement import _Unsent
 from daemon.upstream.resend import ResendTransport
 from tests.support.proxy import redis_proxy
-from tests.support.seed import add_user, add_watch, clear
+from tests.support.seed import add_user, add_watch, clear, owed_emails
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 from tests.support.wait import eventually
 
@@ -169,26 +169,6 @@ async def test_a_slot_skipped_beyond_the_grace_degrades_until_the_next_tick(
 
 
 # -- the outbox ---------------------------------------------------------------------------------------------
-
-
-async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
-    """``n`` pending outbox rows, each to travel alone (so each is its own batch)."""
-    await clear(pool)
-    for i in range(n):
-        user = await add_user(pool, f"o{i}@example.edu")
-        watch = await add_watch(pool, user, "2261", f"1244{i}")
-        payload = (
-            f'{{"from":"n@pickmyclass.test","to":["o{i}@example.edu"],"subject":"s","html":"h","text":"t",'
-            '"headers":{}}'
-        )
-        await pool.execute(
-            "INSERT INTO seatwatch_outbox (class_watch_id, user_id, notification_type, term, class_nbr, payload, "
-            "unsubscribe_token, solo) VALUES ($1, $2, 'seat_available', '2261', $3, $4, 'tok', true)",
-            watch,
-            user,
-            f"1244{i}",
-            payload,
-        )
 
 
 async def test_a_429_pauses_every_batch_not_just_its_own(pool: asyncpg.Pool, resend: ResendStub) -> None:

@@ -10,13 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from daemon.commands.embedded import free_port
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN
+
+if TYPE_CHECKING:
+    from tests.support.stubs import ResendStub, ScraperStub
 
 SIGNING_KEY = "test-signing-key-3c2b1a"
 
@@ -54,6 +58,26 @@ def daemon_env(
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def stub_env(
+    redis_url: str, database_url: str, prefix: str, scraper: ScraperStub, resend: ResendStub, **extra: Any
+) -> dict[str, str]:
+    """``daemon_env`` against the stand-in scraper and Resend."""
+    return daemon_env(
+        redis_url=redis_url,
+        database_url=database_url,
+        prefix=prefix,
+        scraper_url=scraper.url,
+        resend_url=resend.url,
+        **extra,
+    )
+
+
+def quiet_cron() -> dict[str, str]:
+    """A daily cron an hour ago: the daemon runs no tick of its own while the test drives it."""
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    return {"SEATWATCH_CRON": f"{hour_ago.minute} {hour_ago.hour} * * *", "SEATWATCH_TIMEZONE": "UTC"}
 
 
 class NotifySocket:

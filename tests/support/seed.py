@@ -68,3 +68,35 @@ async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
         "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_section_states, notifications_sent, "
         "class_watches, class_states, user_profiles, auth.users CASCADE"
     )
+
+
+async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int = 1, term: str = "2261") -> list[str]:
+    """Watchers for each section, with legacy rows saying the section is full (so an opening notifies)."""
+    emails = []
+    for class_nbr in class_nbrs:
+        for i in range(per_section):
+            email = f"s{class_nbr}-{i}@example.edu"
+            await add_watch(pool, await add_user(pool, email), term, class_nbr)
+            emails.append(email)
+        await add_legacy_state(pool, term, class_nbr, seats=0)
+    return sorted(emails)
+
+
+async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
+    """``n`` pending outbox rows, each to travel alone (so each is its own batch)."""
+    await clear(pool)
+    for i in range(n):
+        user = await add_user(pool, f"o{i}@example.edu")
+        watch = await add_watch(pool, user, "2261", f"1244{i}")
+        payload = (
+            f'{{"from":"n@pickmyclass.test","to":["o{i}@example.edu"],"subject":"s","html":"h","text":"t",'
+            '"headers":{}}'
+        )
+        await pool.execute(
+            "INSERT INTO seatwatch_outbox (class_watch_id, user_id, notification_type, term, class_nbr, payload, "
+            "unsubscribe_token, solo) VALUES ($1, $2, 'seat_available', '2261', $3, $4, 'tok', true)",
+            watch,
+            user,
+            f"1244{i}",
+            payload,
+        )
