@@ -24,10 +24,12 @@ from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
+from tests.support.ledger import settled
 from tests.support.procs import Daemons, daemon_env, quiet_cron, run_cli
 from tests.support.seed import clear, watched
 from tests.support.shapes import RedisProc
 from tests.support.stubs import Reply, ResendStub, ScraperStub, section_data
+from tests.support.wait import eventually
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -119,10 +121,7 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
         proc.wait_healthy()
     pids = [proc.process.pid for proc in daemons.started if proc.process is not None]
     assert run_cli("tick", "--group", "all", env=daemons.started[0].env).returncode == 0
-    deadline = time.monotonic() + 20
-    while len(scraper.requests) < 3:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await eventually(lambda: len(scraper.requests) >= 3, 20, "scrapes in flight")
 
     own_redis.restart_empty()
     lost_at = time.monotonic()
@@ -136,17 +135,10 @@ async def test_daemons_recover_from_redis_restarted_empty_and_lose_nothing(
     keys = Keys(prefix)
     scripts = Scripts(own_clients.client("startup"))
     queue = Queue(own_clients.client("queue"), own_clients.client("queue", blocking=True), keys, scripts, consumer="t")
-    deadline = time.monotonic() + 40
-    while True:
-        stats = await queue.stats()
-        unsent = await pool.fetchval("SELECT count(*) FROM seatwatch_outbox WHERE status <> 'sent'")
-        if len(resend.deliveries) >= len(emails) and unsent == 0 and stats.waiting == stats.pending == 0:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"not settled: {resend.delivered_to()}\n" + "\n".join(p.logs() for p in daemons.started)
-            )
-        await asyncio.sleep(0.1)
+    try:
+        await eventually(lambda: settled(pool, queue, resend, len(emails), delayed=False), 40, "the ledger settled")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {resend.delivered_to()}\n{daemons.logs()}") from None
     await asyncio.sleep(0.5)
     assert collections.Counter(resend.delivered_to()) == collections.Counter(emails)
     assert [proc.process.pid for proc in daemons.started if proc.process is not None] == pids
