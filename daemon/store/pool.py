@@ -15,13 +15,17 @@ ROLLBACK, a connection's reset on release. Code above catches ``StoreUnavailable
 
 from __future__ import annotations
 
-from typing import Any, Final
+import functools
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import asyncpg.transaction
 
 from daemon.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 TRANSACTION_POOLER_PORT: Final = 6543
 STATEMENT_CACHE_PARAM: Final = "statement_cache_size"
@@ -81,68 +85,46 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable("postgres", f"{exc.__class__.__name__}: {exc}")
 
 
-class Connection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg ships no types
-    """asyncpg's connection, whose connection failures leave as ``StoreUnavailable``.
+def _at_boundary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``method``, with the driver's connection failures raised as ``StoreUnavailable`` (the cause kept)."""
 
-    Every statement seatwatch sends goes through these methods (a pool's ``fetch`` and ``execute`` run them on
-    a pooled connection), and every transaction is a ``_Transaction``: asyncpg's ``Transaction`` checks the
-    connection itself before COMMIT or ROLLBACK and raises ``InterfaceError`` when it is gone.
-    """
+    @functools.wraps(method)
+    async def translated(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except _DRIVER_CONNECTION_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    return translated
+
+
+class _Transaction(asyncpg.transaction.Transaction):  # type: ignore[misc]  # asyncpg ships no types
+    """``async with conn.transaction()``: a connection lost at BEGIN, COMMIT or ROLLBACK is ``StoreUnavailable``
+    (asyncpg's own checks the connection before COMMIT or ROLLBACK and raises ``InterfaceError``)."""
+
+    __slots__ = ()
+    __aenter__ = _at_boundary(asyncpg.transaction.Transaction.__aenter__)
+    __aexit__ = _at_boundary(asyncpg.transaction.Transaction.__aexit__)
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose connection failures leave as ``StoreUnavailable``: every statement seatwatch
+    sends goes through these methods (a pool's ``fetch`` and ``execute`` run them on a pooled connection), and
+    every transaction is a ``_Transaction``."""
+
+    execute = _at_boundary(asyncpg.Connection.execute)
+    executemany = _at_boundary(asyncpg.Connection.executemany)
+    fetch = _at_boundary(asyncpg.Connection.fetch)
+    fetchrow = _at_boundary(asyncpg.Connection.fetchrow)
+    fetchval = _at_boundary(asyncpg.Connection.fetchval)
 
     def transaction(self, *, isolation: str | None = None, readonly: bool = False, deferrable: bool = False) -> Any:
+        """``asyncpg.Connection.transaction``, as a ``_Transaction``."""
         try:
             super().transaction(isolation=isolation, readonly=readonly, deferrable=deferrable)  # checks it is open
         except _DRIVER_CONNECTION_ERRORS as exc:
             raise _unavailable(exc) from exc
         return _Transaction(self, isolation, readonly, deferrable)
-
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().execute(*args, **kwargs)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().executemany(*args, **kwargs)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().fetch(*args, **kwargs)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().fetchrow(*args, **kwargs)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().fetchval(*args, **kwargs)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-
-class _Transaction(asyncpg.transaction.Transaction):  # type: ignore[misc]
-    """``async with conn.transaction()``: a connection lost at BEGIN, COMMIT or ROLLBACK is ``StoreUnavailable``."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> None:
-        try:
-            await super().__aenter__()
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        try:
-            await super().__aexit__(*exc_info)
-        except _DRIVER_CONNECTION_ERRORS as exc:
-            raise _unavailable(exc) from exc
 
 
 async def _open(*args: Any, **kwargs: Any) -> Connection:

@@ -75,25 +75,22 @@ async def test_a_query_on_a_cut_pool_raises_store_unavailable_and_the_pool_recov
     await eventually(answers, 10, "the pool to answer again")
 
 
-async def test_a_connection_lost_inside_a_transaction_raises_store_unavailable(
-    pg_via: tuple[TcpProxy, asyncpg.Pool],
+@pytest.mark.parametrize(
+    ("cut", "statements"),
+    [
+        (Cut(b"SELECT 4242", mode="request"), ("SELECT 1", "SELECT 4242")),  # a query inside the transaction
+        (Cut(b"COMMIT", mode="reply"), ("SELECT 1",)),  # the COMMIT ran; its reply is lost
+    ],
+    ids=["mid-transaction", "commit-reply-lost"],
+)
+async def test_a_connection_lost_in_a_transaction_raises_store_unavailable(
+    cut: Cut, statements: tuple[str, ...], pg_via: tuple[TcpProxy, asyncpg.Pool]
 ) -> None:
     proxy, pool = pg_via
-    cut = proxy.arm(Cut(b"SELECT 4242", mode="request"))
+    armed = proxy.arm(Cut(cut.pattern, mode=cut.mode))  # a fresh counter per run
     with pytest.raises(StoreUnavailable) as caught:
-        await _transaction(pool, "SELECT 1", "SELECT 4242")
-    assert cut.fired == 1
-    _assert_postgres_unavailable(caught.value)
-
-
-async def test_a_commit_whose_reply_is_lost_raises_store_unavailable(
-    pg_via: tuple[TcpProxy, asyncpg.Pool],
-) -> None:
-    proxy, pool = pg_via
-    cut = proxy.arm(Cut(b"COMMIT", mode="reply"))
-    with pytest.raises(StoreUnavailable) as caught:
-        await _transaction(pool, "SELECT 1")
-    assert cut.fired == 1
+        await _transaction(pool, *statements)
+    assert armed.fired == 1
     _assert_postgres_unavailable(caught.value)
 
 
