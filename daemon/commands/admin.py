@@ -66,7 +66,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
                     await parts.lock.release(grant)
             finally:
                 await pool.close()
-    except (*REDIS_ERRORS, OSError) as exc:
+    except (StoreUnavailable, *REDIS_ERRORS, OSError) as exc:  # Postgres too: the tick reads the watched sections
         return _fail(f"tick failed: {error_name(exc)}: {driver_error(exc)}")
     if result.fenced:
         return _fail("the cron lock changed hands during the tick; nothing enqueued")
