@@ -30,7 +30,7 @@ import orjson
 from daemon.adaptive import PURPOSE, AdaptiveKeys, Figures, Timing
 from daemon.backoff import Backoff, Outage
 from daemon.consumer import Ticket
-from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
+from daemon.errors import DeferJob, PermanentJobError, RetryableJobError, error_name
 from daemon.jobs import Job
 from daemon.limiter import AdaptiveLimit, FixedLimit, capacity_per_s
 from daemon.primitives.clients import REDIS_ERRORS
@@ -145,7 +145,7 @@ class Dispatcher:
                 try:
                     await self._take(0)
                 except REDIS_ERRORS as exc:
-                    logger.warning("adaptive: could not record the last outcomes (%s)", exc.__class__.__name__)
+                    logger.warning("adaptive: could not record the last outcomes (%s)", error_name(exc))
         if self.progress is not None:
             self.progress.done("planner")
             self.progress.done("taker")
@@ -190,7 +190,7 @@ class Dispatcher:
             try:
                 reply = await self._take(want, horizon_s) if want > 0 else None
             except REDIS_ERRORS as exc:
-                await backoff.wait(exc.__class__.__name__, stopping)
+                await backoff.wait(error_name(exc), stopping)
                 continue
             backoff.succeeded()
             wait_s = horizon_s * 0.5

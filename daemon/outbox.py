@@ -31,7 +31,7 @@ import anyio
 
 from daemon import faults
 from daemon.backoff import Backoff, Outage, retry_delay_s
-from daemon.errors import EmailRejected, EmailRetry, StoreUnavailable
+from daemon.errors import EmailRejected, EmailRetry, StoreUnavailable, error_name
 from daemon.store import outbox_queries as queries
 from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 
@@ -124,7 +124,7 @@ class OutboxSender:
                 # A batch this sender had leased may have been cut off mid-way (sent, not yet marked): once
                 # Postgres answers, free it for a resend under its key now rather than after its lease.
                 leases_released = False
-                await backoff.wait(exc.__class__.__name__, stopping)
+                await backoff.wait(error_name(exc), stopping)
                 continue
             backoff.succeeded()
             if stopping.is_set():

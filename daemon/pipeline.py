@@ -26,6 +26,7 @@ from daemon.errors import (
     ScrapeRejected,
     SectionNotFound,
     StoreUnavailable,
+    error_name,
 )
 from daemon.logs import mask_email
 from daemon.store import db
@@ -108,7 +109,7 @@ class Pipeline:
             result = await self.record_retrying(job.id, job.term, job.class_nbr, observation)
         except StoreUnavailable as exc:
             self.metrics.sections.labels("db_unavailable").inc()
-            raise DeferJob(f"Postgres unavailable: {exc.__class__.__name__}", DB_OUTAGE_DEFER_S) from exc
+            raise DeferJob(f"Postgres unavailable: {error_name(exc)}", DB_OUTAGE_DEFER_S) from exc
 
         changes = result.changes
         outcome = "first" if changes.first_observation else ("changed" if changes.touches_claims else "unchanged")
@@ -149,7 +150,7 @@ class Pipeline:
             logger.warning(
                 "section %s: Postgres connection lost (%s); once more on a fresh connection",
                 job_id,
-                exc.__class__.__name__,
+                error_name(exc),
             )
         result = await self.record(term, class_nbr, observation)
         self.on_emails()

@@ -34,7 +34,7 @@ from daemon.adaptive import (
     round2,
 )
 from daemon.backoff import Backoff, Outage
-from daemon.errors import StoreUnavailable
+from daemon.errors import StoreUnavailable, error_name
 from daemon.jobs import usable_section
 from daemon.limiter import capacity_per_s
 from daemon.primitives.clients import REDIS_ERRORS
@@ -105,7 +105,7 @@ class Replanner:
             try:
                 await self.plan_once()
             except (StoreUnavailable, *REDIS_ERRORS) as exc:
-                await backoff.wait(exc.__class__.__name__, stopping)
+                await backoff.wait(error_name(exc), stopping)
                 continue
             backoff.succeeded()
             with anyio.move_on_after(self.timing.plan_every_s):

@@ -223,6 +223,10 @@ async def test_postgres_cut_mid_section_delivers_each_email_once(
         assert collections.Counter(resend.delivered_to()) == collections.Counter(emails)
         assert await pool.fetchval("SELECT count(*) FROM seatwatch_outbox") == len(emails)
         assert proc.stop() == 0
+        # The operator reads the driver's error, not the boundary's wrapper.
+        lost = [line for line in proc.logs().splitlines() if "Postgres connection lost (" in line]
+        assert lost, proc.logs()
+        assert not any("(StoreUnavailable)" in line for line in lost), lost
     finally:
         proxy.stop()
 
