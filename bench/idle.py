@@ -22,14 +22,10 @@ sys.path[0] = str(ROOT)
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import os
-import re
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -41,55 +37,10 @@ import psutil
 from daemon.commands.embedded import RedisServer, free_port
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect
+from tests.support.monitor import Monitor, billable
 from tests.support.stubs import ScraperStub
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<cmd>[^"]+)"')
-
-
-class Monitor:
-    """MONITOR on its own connection; counts top-level commands (not those run inside scripts)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.sendall(b"MONITOR\r\n")
-        self.lines: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        buffer = b""
-        self.sock.settimeout(0.5)
-        while not self.stop.is_set():
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                return
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\r\n")
-            for raw in complete:
-                text = raw.decode(errors="replace").lstrip("+")
-                match = LINE.match(text)
-                if match and match["client"] != "lua":
-                    self.lines.append((time.time(), match["cmd"].upper()))
-
-    def commands(self, since: float = 0.0, until: float = float("inf")) -> collections.Counter[str]:
-        return collections.Counter(cmd for at, cmd in self.lines if since <= at < until)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
-FREE = {"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"}
-
-
-def billable(counter: collections.Counter[str]) -> int:
-    return sum(n for cmd, n in counter.items() if cmd not in FREE)
 
 
 async def scratch_database(sections: int) -> str:

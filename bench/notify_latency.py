@@ -37,12 +37,10 @@ sys.path[0] = str(ROOT)
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -59,57 +57,13 @@ from daemon.commands.embedded import RedisServer, free_port
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect
 from tests.support.capacity import CapacityScraper
+from tests.support.monitor import Monitor, billable
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub
 
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TERM = "2261"
 OPEN_FOR_S = 75 * 60
 SUBJECT_NBR = re.compile(r"\((\d+)\)")
-
-
-MONITOR_LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<cmd>[^"]+)"')
-FREE = {"PING", "AUTH", "HELLO", "SELECT", "INFO", "CONFIG", "COMMAND", "RESET", "QUIT"}
-
-
-class Monitor:
-    """MONITOR on its own connection; top-level commands only (not those run inside scripts)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.sendall(b"MONITOR\r\n")
-        self.lines: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        buffer = b""
-        self.sock.settimeout(0.5)
-        while not self.stop.is_set():
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                return
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\r\n")
-            for raw in complete:
-                match = MONITOR_LINE.match(raw.decode(errors="replace").lstrip("+"))
-                if match and match["client"] != "lua":
-                    self.lines.append((time.time(), match["cmd"].upper()))
-
-    def commands(self, since: float, until: float) -> collections.Counter[str]:
-        return collections.Counter(cmd for at, cmd in self.lines if since <= at < until)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
-def billable(counter: collections.Counter[str]) -> int:
-    return sum(n for cmd, n in counter.items() if cmd not in FREE)
 
 
 class TimedResend(ResendStub):
