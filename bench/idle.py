@@ -30,27 +30,19 @@ import time
 import uuid
 from datetime import datetime
 
-import asyncpg
 import httpx
 import psutil
 
 from daemon.commands.embedded import RedisServer, free_port
-from daemon.store.migrations import migrate
 from daemon.store.pool import connect
 from tests.support.monitor import Monitor, billable
+from tests.support.scratch import drop_database, migrated_database
 from tests.support.stubs import ScraperStub
-
-ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 async def scratch_database(sections: int) -> str:
-    name = f"bench_idle_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    url = await migrated_database("bench_idle")
     conn = await connect(url)
-    await migrate(conn)
     for i in range(sections):
         user = uuid.uuid4()
         await conn.execute("INSERT INTO auth.users (id, email) VALUES ($1, $2)", user, f"u{i}@example.edu")
@@ -62,12 +54,6 @@ async def scratch_database(sections: int) -> str:
         )
     await conn.close()
     return url
-
-
-async def drop_database(url: str) -> None:
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-    await admin.close()
 
 
 def _log_time(line: str) -> float:

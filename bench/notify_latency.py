@@ -50,17 +50,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import httpx
 
 from daemon.commands.embedded import RedisServer, free_port
-from daemon.store.migrations import migrate
 from daemon.store.pool import connect
 from tests.support.capacity import CapacityScraper
 from tests.support.monitor import Monitor, billable
+from tests.support.scratch import drop_database, migrated_database
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub
 
-ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TERM = "2261"
 OPEN_FOR_S = 75 * 60
 SUBJECT_NBR = re.compile(r"\((\d+)\)")
@@ -104,13 +102,8 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 async def scratch_database(a: Args, last_checked_span_s: float) -> str:
-    name = f"bench_notify_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    url = await migrated_database("bench_notify")
     conn = await connect(url)
-    await migrate(conn)
     rng = random.Random(a.seed)
     for i in range(a.hot + a.cold):
         user = uuid.uuid4()
@@ -136,12 +129,6 @@ async def scratch_database(a: Args, last_checked_span_s: float) -> str:
         )
     await conn.close()
     return url
-
-
-async def drop_database(url: str) -> None:
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-    await admin.close()
 
 
 def openings(a: Args) -> dict[str, float]:

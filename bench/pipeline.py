@@ -23,15 +23,13 @@ sys.path[0] = str(ROOT)
 import argparse
 import asyncio
 import multiprocessing
-import os
 import resource
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncpg
 import httpx
 
 from daemon.commands.embedded import RedisServer
@@ -43,13 +41,14 @@ from daemon.primitives.clients import RedisClients
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.runtime.metrics import Metrics
-from daemon.store.migrations import migrate
 from daemon.store.pool import connect, create_pool
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
+from tests.support.scratch import drop_database, migrated_database
 from tests.support.stubs import SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
-ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+if TYPE_CHECKING:
+    import asyncpg
 
 
 def serve_scraper(port_queue: Any, seats: Any) -> None:
@@ -61,13 +60,8 @@ def serve_scraper(port_queue: Any, seats: Any) -> None:
 
 
 async def scratch_database(sections: int) -> str:
-    name = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    url = await migrated_database("bench_pipeline")
     conn = await connect(url)
-    await migrate(conn)
     users = [uuid.uuid4() for _ in range(sections)]
     await conn.executemany(
         "INSERT INTO auth.users (id, email) VALUES ($1, $2)", [(u, f"u{i}@example.edu") for i, u in enumerate(users)]
@@ -179,13 +173,7 @@ def main() -> None:
     finally:
         redis.stop()
         scraper.terminate()
-
-        async def drop() -> None:
-            admin = await asyncpg.connect(ADMIN_DSN)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}" WITH (FORCE)')
-            await admin.close()
-
-        asyncio.run(drop())
+        asyncio.run(drop_database(database_url))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("full pipeline (scrape -> one transaction -> outbox rows -> ack), instant loopback scraper")
     header = ("pass", "conc", "jobs", "secs", "sections/s", "redis/sec", "pg/sec", "emails")
