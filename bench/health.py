@@ -39,11 +39,10 @@ import orjson
 import psutil
 
 from daemon.commands.embedded import RedisServer, free_port
-from daemon.store.migrations import migrate
 from daemon.store.pool import connect
+from tests.support.scratch import drop_database, migrated_database
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TERM = "2261"
 TOKEN = "bench-scraper-token"  # noqa: S105 - a throwaway value for the loopback stub
 MEDIAN_TARGET_MS = 10.0
@@ -92,20 +91,11 @@ class ScraperHandler(BaseHTTPRequestHandler):
 # -- the scratch database ---------------------------------------------------------------------------------------
 
 
-def database_url(name: str) -> str:
-    base, _, _ = POSTGRES_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def create_database(name: str, class_nbrs: list[str]) -> None:
-    admin = await asyncpg.connect(POSTGRES_URL)
+async def seeded_database(class_nbrs: list[str]) -> str:
+    """A migrated scratch database with one watcher per section; its URL."""
+    url = await migrated_database("swbench")
+    conn = await connect(url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await connect(database_url(name))
-    try:
-        await migrate(conn)
         users = [(uuid.uuid4(), f"student{n}@bench.test") for n in class_nbrs]
         await conn.executemany("INSERT INTO auth.users (id, email) VALUES ($1, $2)", users)
         await conn.executemany(
@@ -115,18 +105,11 @@ async def create_database(name: str, class_nbrs: list[str]) -> None:
         )
     finally:
         await conn.close()
+    return url
 
 
-async def drop_database(name: str) -> None:
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-async def processed(name: str) -> int:
-    conn = await asyncpg.connect(database_url(name))
+async def processed(url: str) -> int:
+    conn = await asyncpg.connect(url)
     try:
         return int(await conn.fetchval("SELECT count(*) FROM seatwatch_section_states WHERE term = $1", TERM))
     finally:
@@ -152,9 +135,9 @@ class Latencies:
         )
 
 
-def probe(url: str, requests: int, label: str, db_name: str, pause_s: float) -> Latencies:
+def probe(url: str, requests: int, label: str, db_url: str, pause_s: float) -> Latencies:
     """Sequential GETs on one keep-alive client, ``pause_s`` apart; a failed request is counted and retried."""
-    before = asyncio.run(processed(db_name))
+    before = asyncio.run(processed(db_url))
     samples: list[float] = []
     errors = 0
     with httpx.Client(timeout=5) as client:
@@ -169,7 +152,7 @@ def probe(url: str, requests: int, label: str, db_name: str, pause_s: float) -> 
             if response.status_code != 200:
                 raise SystemExit(f"health answered {response.status_code}: {response.text}")
             time.sleep(pause_s)
-    return Latencies(label, samples, errors, before, asyncio.run(processed(db_name)))
+    return Latencies(label, samples, errors, before, asyncio.run(processed(db_url)))
 
 
 def rss_mb(pid: int) -> float:
@@ -197,13 +180,12 @@ def main() -> int:
     args = parser.parse_args()
 
     class_nbrs = [str(10000 + i) for i in range(args.sections)]
-    db_name = f"swbench_{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="seatwatch-bench-"))
     with contextlib.ExitStack() as stack:
         redis = RedisServer(workdir / "redis").start()
         stack.callback(redis.stop)
-        asyncio.run(create_database(db_name, class_nbrs))
-        stack.callback(lambda: asyncio.run(drop_database(db_name)))
+        db_url = asyncio.run(seeded_database(class_nbrs))
+        stack.callback(lambda: asyncio.run(drop_database(db_url)))
 
         ScraperHandler.delay_s = args.scrape_ms / 1000
         scraper = ThreadingHTTPServer(("127.0.0.1", 0), ScraperHandler)
@@ -216,7 +198,7 @@ def main() -> int:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONUNBUFFERED": "1",
-            "DATABASE_URL": database_url(db_name),
+            "DATABASE_URL": db_url,
             "REDIS_URL": redis.url,
             "SCRAPER_URL": f"http://127.0.0.1:{scraper.server_address[1]}",
             "SCRAPER_SECRET_TOKEN": TOKEN,
@@ -250,7 +232,7 @@ def main() -> int:
         time.sleep(2.0)
         rss_start = rss_mb(daemon.pid)
 
-        idle = probe(url, args.requests, "idle", db_name, args.pause_ms / 1000)
+        idle = probe(url, args.requests, "idle", db_url, args.pause_ms / 1000)
 
         tick_started = time.monotonic()
         tick = subprocess.run(
@@ -263,18 +245,18 @@ def main() -> int:
         )
         if tick.returncode != 0:
             raise SystemExit(f"tick failed ({tick.returncode}): {tick.stderr}")
-        busy = probe(url, args.requests, "while the tick runs", db_name, args.pause_ms / 1000)
+        busy = probe(url, args.requests, "while the tick runs", db_url, args.pause_ms / 1000)
         rss_during = rss_mb(daemon.pid)
 
         deadline = time.monotonic() + 300
-        while (done := asyncio.run(processed(db_name))) < args.sections and time.monotonic() < deadline:
+        while (done := asyncio.run(processed(db_url))) < args.sections and time.monotonic() < deadline:
             time.sleep(0.2)
         work_s = time.monotonic() - tick_started
         if daemon.poll() is not None:
             raise SystemExit(f"daemon exited with {daemon.returncode}:\n{log.read_text()}")
         time.sleep(3.0)
         rss_after = rss_mb(daemon.pid)
-        after = probe(url, args.requests, "idle after the work", db_name, args.pause_ms / 1000)
+        after = probe(url, args.requests, "idle after the work", db_url, args.pause_ms / 1000)
 
     print(
         f"seatwatch health bench: {args.sections} sections, scraper {args.scrape_ms:.0f} ms, 4 workers, "
