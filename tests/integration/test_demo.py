@@ -30,34 +30,42 @@ def test_demo_runs_the_whole_pipeline_with_nothing_configured(tmp_path: Path) ->
         stderr=subprocess.STDOUT,
         text=True,
     )
-    assert demo.stdout is not None
-    lines: list[str] = []
-    health_url = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the banner ends with the "stop" line
-        line = demo.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"health\s+(http://127\.0\.0\.1:\d+/api/monitoring/health)", line)
-        if match:
-            health_url = match.group(1)
-        if line.startswith("  stop"):
-            break
-    assert health_url is not None, "".join(lines)
-    assert any(line.startswith("  servers  embedded Redis and PostgreSQL") for line in lines), lines
+    try:
+        assert demo.stdout is not None
+        lines: list[str] = []
+        health_url = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the banner ends with the "stop" line
+            line = demo.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = re.search(r"health\s+(http://127\.0\.0\.1:\d+/api/monitoring/health)", line)
+            if match:
+                health_url = match.group(1)
+            if line.startswith("  stop"):
+                break
+        assert health_url is not None, "".join(lines)
+        assert any(line.startswith("  servers  embedded Redis and PostgreSQL") for line in lines), lines
 
-    outbox = tmp_path / "demo" / "outbox"
-    status = None
-    while time.monotonic() < deadline and not (status == 200 and list(outbox.glob("*.eml"))):
-        try:
-            status = httpx.get(health_url, timeout=2).status_code
-        except httpx.HTTPError:
-            status = None
-        time.sleep(0.5)
-    assert status == 200
-    rest, _ = demo.communicate(timeout=90)
-    assert demo.returncode == 0, "".join(lines) + rest
+        outbox = tmp_path / "demo" / "outbox"
+        status = None
+        while time.monotonic() < deadline and not (status == 200 and list(outbox.glob("*.eml"))):
+            try:
+                status = httpx.get(health_url, timeout=2).status_code
+            except httpx.HTTPError:
+                status = None
+            time.sleep(0.5)
+        assert status == 200
+        rest, _ = demo.communicate(timeout=90)
+        assert demo.returncode == 0, "".join(lines) + rest
+    finally:
+        # Never leave the demo (and its embedded servers) running past the test, whatever failed above.
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate(timeout=30)
+        if demo.stdout is not None:
+            demo.stdout.close()
 
     messages = [
         email.message_from_bytes(p.read_bytes(), policy=email.policy.default) for p in sorted(outbox.glob("*.eml"))
