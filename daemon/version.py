@@ -3,6 +3,7 @@
 The installer builds each release's wheel with the commit in the version's local part (PEP 440), so the
 installed distribution's metadata carries it. A checkout run in place (``pip install -e``, the tests) has
 only the plain version in its metadata; there the commit comes from git, when git and the checkout are there.
+The release number itself is written once, in ``pyproject.toml`` (the installer stamps the commit there).
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from daemon import __version__
-
 
 @functools.cache
 def version() -> str:
     """The version with its commit when known (``0.1.0+g1a2b3c4d5e6f``), else the plain version."""
     try:
         installed = metadata.version("seatwatch")
-    except metadata.PackageNotFoundError:
-        installed = __version__
+    except metadata.PackageNotFoundError:  # run from a copy of the tree that was never installed
+        installed = "0+unknown"
     if "+" in installed:
         return installed
     commit = _git_commit(Path(__file__).resolve().parent.parent)
