@@ -42,6 +42,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return ["seatwatch test servers: " + "; ".join(_servers().how)]
 
 
+# Tests that measure time (pacing, evenness, latency) and so run alone, after the parallel pass, where
+# no other test competes for the two cores (scripts/test runs ``-m "not serial"`` on workers, then ``-m serial``).
+SERIAL_MODULES = frozenset({"test_adaptive"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _SERVERS is not None:
         _SERVERS.stop()
