@@ -30,22 +30,33 @@ async def sections_to_check(conn: asyncpg.Connection | asyncpg.Pool, group: str)
 async def observe(conn: asyncpg.Connection, term: str, class_nbr: str, data: Sequence[Any]) -> PreviousState | None:
     """Lock the section, record the observation (and its class_states mirror), return the previous state.
 
+    The previous state carries the web app's newer ``class_states`` row of the same term as its ``snapshot``.
+
     ``data`` is (subject, catalog_nbr, title, instructor, seats_available, seats_capacity,
     non_reserved_seats, location, meeting_times). Must run inside the caller's transaction.
     """
     row = await conn.fetchrow(
-        "SELECT * FROM seatwatch_observe_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM seatwatch_observe_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         term,
         class_nbr,
         *data,
     )
     if row is None or row["prev_source"] is None:
         return None
+    snapshot = None
+    if row["snap_seats_available"] is not None:
+        snapshot = PreviousState(
+            source="class_states",
+            instructor=row["snap_instructor"],
+            seats_available=row["snap_seats_available"],
+            non_reserved_seats=row["snap_non_reserved_seats"],
+        )
     return PreviousState(
         source=row["prev_source"],
         instructor=row["prev_instructor"],
         seats_available=row["prev_seats_available"],
         non_reserved_seats=row["prev_non_reserved_seats"],
+        snapshot=snapshot,
     )
 
 

@@ -62,6 +62,31 @@ async def add_legacy_state(
     )
 
 
+async def web_app_writes(
+    db: asyncpg.Pool | asyncpg.Connection,
+    term: str,
+    class_nbr: str,
+    *,
+    seats: int,
+    non_reserved: int | None = None,
+    instructor: str = "Staff",
+) -> None:
+    """The web app's own scrape of a section (a student added a watch): an upsert of its class_states row."""
+    await db.execute(
+        "INSERT INTO class_states (term, subject, catalog_nbr, class_nbr, title, instructor_name, seats_available, "
+        "seats_capacity, non_reserved_seats, last_checked_at) VALUES ($1, 'CSE', '240', $2, 'Intro', $3, $4, 30, $5, "
+        "now()) ON CONFLICT (class_nbr) DO UPDATE SET term = EXCLUDED.term, "
+        "instructor_name = EXCLUDED.instructor_name, "
+        "seats_available = EXCLUDED.seats_available, non_reserved_seats = EXCLUDED.non_reserved_seats, "
+        "last_checked_at = now()",
+        term,
+        class_nbr,
+        instructor,
+        seats,
+        non_reserved,
+    )
+
+
 async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
     """Empty every table the tests write, so tests in one module do not see each other."""
     await db.execute(

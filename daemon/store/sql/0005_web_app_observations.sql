@@ -1,0 +1,132 @@
+-- The web app as it really behaves (SPEC §6, §7.4). Additive only: new functions and a new table.
+
+-- seatwatch_observe_v2, plus the web app's own observation in between. The web app scrapes a section when
+-- a student adds a watch and upserts class_states; such a write is an observation too. When class_states
+-- holds a row of the same term that is newer than seatwatch's own state, it is returned as the snapshot
+-- (snap_*), and the edges are judged along own state -> snapshot -> the new scrape.
+--
+-- Newer means: its last_checked_at is later than seatwatch's own. The mirror's own write happens in the same
+-- transaction as the own state's, so both carry that transaction's now() (the legacy trigger sets now() too):
+-- equal, never newer. A row of another term (the same class number in another term) is never a snapshot.
+-- Without own state, the class_states row of the same term is the previous state (the first tick after
+-- cutover), as before.
+CREATE FUNCTION seatwatch_observe_v3(
+    p_term text, p_class_nbr text, p_subject text, p_catalog_nbr text, p_title text, p_instructor text,
+    p_seats_available integer, p_seats_capacity integer, p_non_reserved_seats integer,
+    p_location text, p_meeting_times text
+)
+RETURNS TABLE (prev_source text, prev_instructor text, prev_seats_available integer,
+               prev_non_reserved_seats integer, snap_instructor text, snap_seats_available integer,
+               snap_non_reserved_seats integer)
+LANGUAGE plpgsql SET search_path = public AS $$
+#variable_conflict use_column
+DECLARE
+    prev record;
+    snap record;
+    source text;
+    has_snap boolean := false;
+    v_subject text := p_subject;
+    v_catalog_nbr text := p_catalog_nbr;
+    v_instructor text := p_instructor;
+BEGIN
+    -- Serialises checks of one section, even its very first one when there is no row to lock yet.
+    PERFORM pg_advisory_xact_lock(hashtextextended('seatwatch:' || p_term || ':' || p_class_nbr, 0));
+
+    SELECT s.subject, s.catalog_nbr, s.instructor_name, s.seats_available, s.non_reserved_seats,
+           s.last_checked_at INTO prev
+    FROM seatwatch_section_states s
+    WHERE s.term = p_term AND s.class_nbr = p_class_nbr
+    FOR UPDATE;
+    IF FOUND THEN
+        source := 'seatwatch';
+        SELECT c.instructor_name, c.seats_available, c.non_reserved_seats INTO snap
+        FROM class_states c
+        WHERE c.class_nbr = p_class_nbr AND c.term = p_term AND c.last_checked_at > prev.last_checked_at;
+        has_snap := FOUND;
+    ELSE
+        SELECT c.subject, c.catalog_nbr, c.instructor_name, c.seats_available, c.non_reserved_seats INTO prev
+        FROM class_states c
+        WHERE c.class_nbr = p_class_nbr AND c.term = p_term;
+        IF FOUND THEN
+            source := 'class_states';
+        END IF;
+    END IF;
+
+    IF source IS NOT NULL THEN
+        v_subject := COALESCE(v_subject, NULLIF(prev.subject, ''));
+        v_catalog_nbr := COALESCE(v_catalog_nbr, NULLIF(prev.catalog_nbr, ''));
+        IF has_snap THEN
+            v_instructor := COALESCE(v_instructor, snap.instructor_name);
+        END IF;
+        v_instructor := COALESCE(v_instructor, prev.instructor_name);
+    END IF;
+    IF v_subject IS NULL OR v_catalog_nbr IS NULL THEN
+        SELECT COALESCE(v_subject, w.subject), COALESCE(v_catalog_nbr, w.catalog_nbr)
+        INTO v_subject, v_catalog_nbr
+        FROM class_watches w
+        WHERE w.term = p_term AND w.class_nbr = p_class_nbr
+        ORDER BY w.created_at, w.id
+        LIMIT 1;
+    END IF;
+    v_subject := COALESCE(v_subject, '');
+    v_catalog_nbr := COALESCE(v_catalog_nbr, '');
+
+    INSERT INTO seatwatch_section_states AS s (
+        term, class_nbr, subject, catalog_nbr, title, instructor_name, seats_available, seats_capacity,
+        non_reserved_seats, location, meeting_times, last_checked_at, last_changed_at
+    ) VALUES (
+        p_term, p_class_nbr, v_subject, v_catalog_nbr, p_title, v_instructor, p_seats_available,
+        p_seats_capacity, p_non_reserved_seats, p_location, p_meeting_times, now(), now()
+    )
+    ON CONFLICT (term, class_nbr) DO UPDATE SET
+        subject = EXCLUDED.subject,
+        catalog_nbr = EXCLUDED.catalog_nbr,
+        title = EXCLUDED.title,
+        instructor_name = EXCLUDED.instructor_name,
+        seats_available = EXCLUDED.seats_available,
+        seats_capacity = EXCLUDED.seats_capacity,
+        non_reserved_seats = EXCLUDED.non_reserved_seats,
+        location = EXCLUDED.location,
+        meeting_times = EXCLUDED.meeting_times,
+        last_checked_at = now(),
+        last_changed_at = CASE
+            WHEN s.seats_available IS DISTINCT FROM EXCLUDED.seats_available
+              OR s.non_reserved_seats IS DISTINCT FROM EXCLUDED.non_reserved_seats
+              OR s.instructor_name IS DISTINCT FROM EXCLUDED.instructor_name
+            THEN now() ELSE s.last_changed_at END;
+
+    -- The mirror for the web app's dashboard and Realtime: latest observation wins; its trigger keeps
+    -- last_changed_at and last_checked_at.
+    INSERT INTO class_states AS c (
+        id, term, subject, catalog_nbr, class_nbr, title, instructor_name, seats_available, seats_capacity,
+        non_reserved_seats, location, meeting_times, last_checked_at
+    ) VALUES (
+        gen_random_uuid(), p_term, v_subject, v_catalog_nbr, p_class_nbr, p_title, v_instructor,
+        p_seats_available, p_seats_capacity, p_non_reserved_seats, p_location, p_meeting_times, now()
+    )
+    ON CONFLICT (class_nbr) DO UPDATE SET
+        term = EXCLUDED.term,
+        subject = EXCLUDED.subject,
+        catalog_nbr = EXCLUDED.catalog_nbr,
+        title = EXCLUDED.title,
+        instructor_name = EXCLUDED.instructor_name,
+        seats_available = EXCLUDED.seats_available,
+        seats_capacity = EXCLUDED.seats_capacity,
+        non_reserved_seats = EXCLUDED.non_reserved_seats,
+        location = EXCLUDED.location,
+        meeting_times = EXCLUDED.meeting_times,
+        last_checked_at = now();
+
+    IF source IS NULL THEN
+        RETURN QUERY SELECT NULL::text, NULL::text, NULL::integer, NULL::integer,
+                            NULL::text, NULL::integer, NULL::integer;
+    ELSIF has_snap THEN
+        RETURN QUERY SELECT source, prev.instructor_name::text, prev.seats_available::integer,
+                            prev.non_reserved_seats::integer, snap.instructor_name::text,
+                            snap.seats_available::integer, snap.non_reserved_seats::integer;
+    ELSE
+        RETURN QUERY SELECT source, prev.instructor_name::text, prev.seats_available::integer,
+                            prev.non_reserved_seats::integer, NULL::text, NULL::integer, NULL::integer;
+    END IF;
+END
+$$;
