@@ -130,3 +130,86 @@ BEGIN
     END IF;
 END
 $$;
+
+
+-- Supabase's public roles are shut out of everything seatwatch owns (SPEC §6). Supabase grants every new
+-- table, sequence and function in public to anon and authenticated (and functions are executable by PUBLIC
+-- by default), and serves them over its REST API with the anon key the web app's bundle ships. So every
+-- relation named seatwatch_* gets row-level security with no policy, and no privilege for PUBLIC, anon or
+-- authenticated; every function named seatwatch_* is executable by none of them. The migration bookkeeping
+-- table is included: a row deleted there made the next start re-run a migration and fail.
+--
+-- Idempotent and catalog-driven, so `migrate` runs it after every run (tables a later migration adds are
+-- covered too); it changes only what is not yet shut, and so needs ownership only of what it changes.
+-- Returns how many statements it ran.
+CREATE FUNCTION seatwatch_lock_down()
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    obj record;
+    statements integer := 0;
+BEGIN
+    FOR obj IN
+        SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relkind, c.relrowsecurity
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = pg_catalog.current_schema() AND c.relname LIKE 'seatwatch\_%'
+          AND c.relkind IN ('r', 'p') AND NOT c.relrowsecurity
+    LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', obj.name);
+        statements := statements + 1;
+    END LOOP;
+
+    FOR obj IN
+        SELECT DISTINCT
+               CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind,
+               format('%I.%I', n.nspname, c.relname) AS name,
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+        LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+        WHERE n.nspname = pg_catalog.current_schema() AND c.relname LIKE 'seatwatch\_%'
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+          AND (a.grantee = 0 OR r.rolname IN ('anon', 'authenticated'))
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s %s FROM %s', obj.kind, obj.name, obj.grantee);
+        statements := statements + 1;
+    END LOOP;
+
+    -- Column privileges too: REVOKE ON TABLE leaves a column's own grant in place.
+    FOR obj IN
+        SELECT DISTINCT format('%I.%I', n.nspname, c.relname) AS name, quote_ident(at.attname) AS col,
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee
+        FROM pg_catalog.pg_attribute at
+        JOIN pg_catalog.pg_class c ON c.oid = at.attrelid
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL pg_catalog.aclexplode(at.attacl) a
+        LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+        WHERE n.nspname = pg_catalog.current_schema() AND c.relname LIKE 'seatwatch\_%'
+          AND at.attacl IS NOT NULL AND (a.grantee = 0 OR r.rolname IN ('anon', 'authenticated'))
+    LOOP
+        EXECUTE format('REVOKE ALL (%s) ON TABLE %s FROM %s', obj.col, obj.name, obj.grantee);
+        statements := statements + 1;
+    END LOOP;
+
+    -- A function's NULL acl is the default one, which lets PUBLIC execute it.
+    FOR obj IN
+        SELECT DISTINCT p.oid::regprocedure::text AS name,
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee,
+               CASE WHEN p.prokind = 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END AS kind
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+        CROSS JOIN LATERAL pg_catalog.aclexplode(COALESCE(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+        LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+        WHERE n.nspname = pg_catalog.current_schema() AND p.proname LIKE 'seatwatch\_%'
+          AND p.prokind IN ('f', 'p') AND (a.grantee = 0 OR r.rolname IN ('anon', 'authenticated'))
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s %s FROM %s', obj.kind, obj.name, obj.grantee);
+        statements := statements + 1;
+    END LOOP;
+    RETURN statements;
+END
+$$;
+
+SELECT seatwatch_lock_down();
