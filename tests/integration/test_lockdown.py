@@ -210,6 +210,7 @@ async def test_daemon_starts_after_anon_tried_and_rows_were_deleted(
         prefix=prefix,
         scraper_url=scraper.url,
         resend_url=resend.url,
+        health_port=None,
         **quiet_cron(),
     )
     result = await asyncio.to_thread(run_cli, "migrate", env=env)
