@@ -17,6 +17,14 @@ and is never re-formed into a different batch.
 
 Requests are paced to Resend's rate limit (2 per second by default); a 429 or a refused API key pauses
 every batch, not just the one that got it. Sent rows are kept 30 days.
+
+The send-time re-check (SPEC §7.4): a batch nothing of which can have reached Resend yet (its first request,
+or every earlier one definitely refused: no connection, a 429, a 401/403) is re-checked before its request.
+Rows no longer owed (recipient unsubscribed, bounced, complained, disabled or deleted; watch deleted; a seat
+email whose section was seen full since) move to ``seatwatch_outbox_suppressed`` with their reason. A batch
+just formed goes on under its key without them (its key never reached Resend); an older one is retired and
+its remaining rows form a new batch under a new key. A batch that may have reached Resend (an attempt
+without an answer, a 5xx, or an attempt whose outcome was never recorded) is resent unchanged under its key.
 """
 
 from __future__ import annotations
@@ -162,6 +170,11 @@ class OutboxSender:
         batch = await self._lease_due_batch() or await self._form_batch()
         if batch is None:
             return False
+        if not batch.ambiguous:
+            recheck = await self._recheck(batch)
+            if recheck is None:
+                return True  # nothing of it is left to send under this key
+            batch = recheck
         faults.point("batch_formed")
         await self._pace()
         try:
@@ -213,6 +226,29 @@ class OutboxSender:
             types=[r.notification_type for r in rows],
         )
 
+    async def _recheck(self, batch: Batch) -> Batch | None:
+        """Drop the rows no longer owed (SPEC §7.4); the batch to send now, or None if none is left to send."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            reasons = await queries.ineligible(conn, [e.row_id for e in batch.emails])
+            if not reasons:
+                return batch
+            await queries.suppress(conn, reasons)
+            left = len(batch.emails) - len(reasons)
+            result: Batch | None = None
+            if left == 0:
+                await queries.close_empty_batch(conn, batch.key, "every email suppressed before it was sent")
+            elif batch.attempts > 1:
+                # Its key went to Resend before (and was refused): the rest go again under a new key.
+                await queries.retire_batch(conn, batch.key, "emails suppressed; the rest re-formed", solo=False)
+            else:
+                result = await self._load(conn, batch.key, batch.attempts, batch.age_s, batch.ambiguous)
+        types = dict(zip([e.row_id for e in batch.emails], batch.types, strict=True))
+        for row_id, reason in reasons.items():
+            self.metrics.emails.labels(types.get(row_id, "unknown"), "suppressed").inc()
+            self.metrics.suppressed.labels(reason).inc()
+            logger.info("outbox: email %d of batch %s suppressed before sending: %s", row_id, batch.key, reason)
+        return result
+
     # -- outcomes ----------------------------------------------------------------------------------------
 
     async def _sent(self, batch: Batch, ids: list[str]) -> None:
@@ -226,6 +262,7 @@ class OutboxSender:
     async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None, *, ambiguous: bool) -> None:
         self.failing, self.last_error = True, reason
         if batch.age_s >= GIVE_UP_AFTER_S:
+            # batch.ambiguous counts an attempt whose outcome was never recorded too.
             if batch.ambiguous or ambiguous:
                 await self._fail_rows(
                     batch,

@@ -141,7 +141,8 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         f"dead_letters={q['dead_letters']}"
     )
     print(
-        f"outbox    pending={o.get('pending')} failed={o.get('failed')}" + (f"  ({o['error']})" if "error" in o else "")
+        f"outbox    pending={o.get('pending')} failed={o.get('failed')} suppressed={o.get('suppressed')}"
+        + (f"  ({o['error']})" if "error" in o else "")
     )
     last = t["last"]
     print(f"ticks     last={last['slot'] + ' +' + str(last['enqueued']) if last else 'none'}  next={t['next']}")

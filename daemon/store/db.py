@@ -120,12 +120,13 @@ async def insert_outbox(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> 
 
 
 async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
-    """Pending and failed outbox rows, for health, status and metrics."""
+    """Pending, failed and suppressed (kept back, last 30 days) outbox rows, for health, status and metrics."""
     row = await conn.fetchrow(
         """
         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                count(*) FILTER (WHERE status = 'failed') AS failed,
-               count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h
+               count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h,
+               (SELECT count(*) FROM seatwatch_outbox_suppressed) AS suppressed
         FROM seatwatch_outbox
         WHERE status IN ('pending', 'failed')
         """
@@ -135,6 +136,7 @@ async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, in
         "pending": int(row["pending"]),
         "failed": int(row["failed"]),
         "failed_24h": int(row["failed_24h"]),
+        "suppressed": int(row["suppressed"]),
     }
 
 

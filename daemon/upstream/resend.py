@@ -67,6 +67,9 @@ class ResendTransport:
         }
         try:
             response = await self.client.post(self.url, content=body, headers=headers, timeout=self.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # No connection was made, so nothing was sent: a definite refusal (SPEC §7.4).
+            raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}", ambiguous=False) from exc
         except httpx.HTTPError as exc:
             # A timeout or a reset may come after Resend accepted the batch: delivery is unknown.
             raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}", ambiguous=True) from exc

@@ -109,7 +109,7 @@ async def test_fill_then_reopen_emails_again(world: World) -> None:
     await add_watch(world.pool, await add_user(world.pool, "ada@example.edu"), TERM, "12432")
     for seats in (0, 2, 0, 5):
         await world.check("12432", seats=seats)
-    await world.send()
+        await world.send()
     assert world.resend.delivered_to() == ["ada@example.edu", "ada@example.edu"]
 
 
@@ -202,6 +202,7 @@ async def test_opening_the_web_app_saw_that_is_gone_rearms_and_emails_nobody(wor
     await add_watch(world.pool, await add_user(world.pool, "g@example.edu"), TERM, "12464")
     await world.check("12464", seats=0)
     await world.check("12464", seats=3)
+    await world.send()
     await web_app_writes(world.pool, TERM, "12464", seats=0)
     await world.check("12464", seats=0)
     await web_app_writes(world.pool, TERM, "12464", seats=2)

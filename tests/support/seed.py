@@ -108,11 +108,14 @@ async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int
 
 
 async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
-    """``n`` pending outbox rows, each to travel alone (so each is its own batch)."""
+    """``n`` pending outbox rows, each to travel alone (so each is its own batch), with the claims that owe them."""
     await clear(pool)
     for i in range(n):
         user = await add_user(pool, f"o{i}@example.edu")
         watch = await add_watch(pool, user, "2261", f"1244{i}")
+        await pool.execute(
+            "INSERT INTO notifications_sent (class_watch_id, notification_type) VALUES ($1, 'seat_available')", watch
+        )
         payload = (
             f'{{"from":"n@pickmyclass.test","to":["o{i}@example.edu"],"subject":"s","html":"h","text":"t",'
             '"headers":{}}'

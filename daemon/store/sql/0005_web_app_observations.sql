@@ -212,4 +212,30 @@ BEGIN
 END
 $$;
 
+
+
+-- The send-time re-check (SPEC §7.4). An email that cannot yet have reached Resend is re-checked before its
+-- request; one no longer owed (recipient unsubscribed, bounced, complained, disabled or deleted, watch gone,
+-- or a seat email whose section was seen full since) moves here with its reason instead of being sent.
+-- No address and no payload are kept: the reason and the ids are what status and metrics need.
+CREATE TABLE IF NOT EXISTS seatwatch_outbox_suppressed (
+    id                bigint PRIMARY KEY,  -- the seatwatch_outbox row it was
+    created_at        timestamptz NOT NULL,
+    suppressed_at     timestamptz NOT NULL DEFAULT now(),
+    class_watch_id    uuid,
+    user_id           uuid,
+    notification_type text NOT NULL,
+    term              text NOT NULL,
+    class_nbr         text NOT NULL,
+    reason            text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seatwatch_outbox_suppressed_at ON seatwatch_outbox_suppressed (suppressed_at);
+
+-- Attempts of a batch that were definitely refused (no connection, 429, 401/403): while every earlier
+-- attempt was, nothing of the batch can have reached Resend, so it may still be re-checked and re-formed.
+-- An attempt that started and never recorded an outcome (the process died mid-request) is not counted, so
+-- such a batch is resent unchanged under its key. Existing batches start at 0: resent unchanged.
+ALTER TABLE seatwatch_outbox_batches ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0;
+
+-- Everything above, and what 0002..0004 made, shut now (migrate runs it again after every run).
 SELECT seatwatch_lock_down();
