@@ -174,12 +174,12 @@ async def test_no_connection_is_a_refusal_and_the_batch_is_rechecked(world: Worl
     await world.check("12488", 0)
     await world.check("12488", 2)
     real = world.sender.transport
-    world.sender.transport = ResendTransport(httpx.AsyncClient(), "http://127.0.0.1:9", RESEND_KEY, timeout_s=2)
-    try:
-        await world.sender.send_one()
-    finally:
-        await world.sender.transport.client.aclose()  # type: ignore[attr-defined]
-        world.sender.transport = real
+    async with httpx.AsyncClient() as nowhere:
+        world.sender.transport = ResendTransport(nowhere, "http://127.0.0.1:9", RESEND_KEY, timeout_s=2)
+        try:
+            await world.sender.send_one()
+        finally:
+            world.sender.transport = real
     await world.pool.execute("UPDATE user_profiles SET notifications_enabled = false WHERE user_id = $1", user)
     await world.send_due()
     assert world.posts() == []
