@@ -87,6 +87,13 @@ class Metrics:
         self.schedule_binding = Gauge(
             "seatwatch_schedule_binding", "1 for the budget that limits checking now", ["budget"], registry=r
         )
+        self.email_quota = Gauge(
+            "seatwatch_email_quota",
+            "Resend's quotas (0: none) and the emails sent against them (UTC day and month); paused: 1 while "
+            "sending waits for a quota to reset",
+            ["figure"],
+            registry=r,
+        )
         self._jobs_seen: dict[str, int] = {}
         self.snapshot_age = Gauge(
             "seatwatch_snapshot_age_seconds", "Age of the figures behind the gauges", ["source"], registry=r
@@ -102,8 +109,14 @@ class Metrics:
         ages: Mapping[str, float | None],
         jobs: Mapping[str, int] | None = None,
         schedule: Mapping[str, Any] | None = None,
+        email: Mapping[str, Any] | None = None,
     ) -> None:
         """Set the gauges from what the daemon last saw (``runtime.report`` calls this for /metrics)."""
+        if email is not None:
+            for figure in ("per_day", "per_month", "sent_today", "sent_this_month"):
+                value = email.get(figure)
+                self.email_quota.labels(figure).set(value if isinstance(value, int) else 0)
+            self.email_quota.labels("paused").set(1 if email.get("paused_until") else 0)
         if schedule is not None:
             self._refresh_schedule(schedule)
         if queue is not None:

@@ -193,8 +193,15 @@ class Daemon:
             )
         )
         stack.push_async_callback(http.aclose)
+        resend = settings.email_transport == "resend"  # the quotas are Resend's
         self.outbox = OutboxSender(
-            pool, make_transport(settings, http), parts.metrics, owner=settings.consumer, progress=self.progress
+            pool,
+            make_transport(settings, http),
+            parts.metrics,
+            owner=settings.consumer,
+            progress=self.progress,
+            quota_per_day=settings.email_quota_per_day if resend else 0,
+            quota_per_month=settings.email_quota_per_month if resend else 0,
         )
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)

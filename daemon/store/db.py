@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from daemon.detect import PreviousState
@@ -120,13 +121,18 @@ async def insert_outbox(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> 
 
 
 async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
-    """Pending, failed and suppressed (kept back, last 30 days) outbox rows, for health, status and metrics."""
+    """Pending, failed and suppressed (kept back, last 30 days) outbox rows, and the emails sent today and this
+    month (UTC, as Resend counts its quotas), for health, status and metrics."""
     row = await conn.fetchrow(
         """
         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                count(*) FILTER (WHERE status = 'failed') AS failed,
                count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h,
-               (SELECT count(*) FROM seatwatch_outbox_suppressed) AS suppressed
+               (SELECT count(*) FROM seatwatch_outbox_suppressed) AS suppressed,
+               (SELECT count(*) FROM seatwatch_outbox
+                WHERE status = 'sent' AND sent_at >= date_trunc('day', now(), 'UTC')) AS sent_today,
+               (SELECT count(*) FROM seatwatch_outbox
+                WHERE status = 'sent' AND sent_at >= date_trunc('month', now(), 'UTC')) AS sent_this_month
         FROM seatwatch_outbox
         WHERE status IN ('pending', 'failed')
         """
@@ -137,7 +143,20 @@ async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, in
         "failed": int(row["failed"]),
         "failed_24h": int(row["failed_24h"]),
         "suppressed": int(row["suppressed"]),
+        "sent_today": int(row["sent_today"]),
+        "sent_this_month": int(row["sent_this_month"]),
     }
+
+
+async def quota_paused_until(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
+    """When a batch Resend refused for its quota goes again (the quota's reset), if one waits for that."""
+    value = await conn.fetchval(
+        """
+        SELECT max(next_attempt_at) FROM seatwatch_outbox_batches
+        WHERE status = 'pending' AND next_attempt_at > now() AND last_error LIKE '%quota_exceeded%'
+        """
+    )
+    return value if isinstance(value, datetime) else None
 
 
 async def adaptive_sections(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:

@@ -54,19 +54,22 @@ async def release_leases(conn: asyncpg.Connection, owner: str) -> int:
     return int(released or 0)
 
 
-async def lease_due_batch(conn: asyncpg.Connection, lease_s: float, owner: str) -> DueBatch | None:
-    """Lease the pending batch due first that nobody holds, counting an attempt (in the caller's transaction)."""
+async def lease_due_batch(conn: asyncpg.Connection, lease_s: float, owner: str, max_rows: int = 100) -> DueBatch | None:
+    """Lease the pending batch due first that nobody holds and that has at most ``max_rows`` rows, counting an
+    attempt (in the caller's transaction)."""
     row = await conn.fetchrow(
         """
         SELECT key, attempts, ambiguous OR refused < attempts AS ambiguous,
                extract(epoch FROM now() - created_at) AS age_s
-        FROM seatwatch_outbox_batches
+        FROM seatwatch_outbox_batches b
         WHERE status = 'pending' AND next_attempt_at <= now()
           AND (leased_until IS NULL OR leased_until < now())
+          AND (SELECT count(*) FROM seatwatch_outbox o WHERE o.batch_key = b.key) <= $1
         ORDER BY next_attempt_at
         LIMIT 1
         FOR UPDATE SKIP LOCKED
-        """
+        """,
+        max_rows,
     )
     if row is None:
         return None
@@ -81,6 +84,19 @@ async def lease_due_batch(conn: asyncpg.Connection, lease_s: float, owner: str) 
         owner,
     )
     return DueBatch(row["key"], row["attempts"] + 1, float(row["age_s"]), row["ambiguous"])
+
+
+async def sent_counts(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, int]:
+    """Emails sent today and this month (UTC days and months, as Resend counts its quotas)."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE sent_at >= date_trunc('day', now(), 'UTC')) AS today,
+               count(*) AS month
+        FROM seatwatch_outbox
+        WHERE status = 'sent' AND sent_at >= date_trunc('month', now(), 'UTC')
+        """
+    )
+    return (int(row["today"]), int(row["month"])) if row is not None else (0, 0)
 
 
 async def unbatched_rows(conn: asyncpg.Connection, limit: int) -> list[tuple[int, bool]]:
@@ -261,6 +277,8 @@ async def purge(conn: asyncpg.Connection, retention_days: int) -> int:
             DELETE FROM seatwatch_outbox
             WHERE status IN ('sent', 'failed')
               AND coalesce(sent_at, created_at) < now() - make_interval(days => $1)
+              -- this month's sent rows count against the monthly quota (a month may have 31 days)
+              AND coalesce(sent_at, created_at) < date_trunc('month', now(), 'UTC')
             RETURNING 1
         )
         SELECT count(*) FROM gone

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import httpx
 import orjson
 
-from daemon.errors import EmailRejected, EmailRetry
+from daemon.errors import EmailQuotaExceeded, EmailRejected, EmailRetry
 from daemon.upstream.scraper import parse_retry_after
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_LIMIT: Final = 100
+# Resend's error names for its sending quotas (429), and the period each one resets on.
+QUOTA_ERRORS: Final = {"daily_quota_exceeded": "daily", "monthly_quota_exceeded": "monthly"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class ResendTransport:
         reason = _resend_error(response.content)
         retry_after = response.headers.get("retry-after")
         wait_s = parse_retry_after(retry_after) if retry_after else None
+        period = QUOTA_ERRORS.get(reason.split(":")[0].strip()) if status == 429 else None
+        if period is not None:
+            # Not a rate: the day's or the month's emails are used up. Waiting 60 s and asking again would
+            # spend a request a minute all day for nothing.
+            raise EmailQuotaExceeded(f"Resend answered 429: {reason}", period)
         if status == 429:
             raise EmailRetry(f"Resend answered 429: {reason}", wait_s or 60.0, ambiguous=False, pause_all=True)
         if status >= 500:
