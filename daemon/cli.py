@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
-from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
+from daemon.errors import ConfigError, Exit, FatalStartError, StoreUnavailable, driver_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -173,6 +173,9 @@ def _migrate(args: argparse.Namespace) -> int:
         conn = await connect(settings.database_url.reveal())
         try:
             applied = await migrate(conn)
+        except FatalStartError as exc:  # a migration half in place: an operator must look
+            print(f"seatwatch: {exc}", file=sys.stderr)
+            return Exit.CONFIG
         finally:
             await conn.close()
         print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")

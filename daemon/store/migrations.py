@@ -162,9 +162,17 @@ async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
 
 
 async def pending_migrations(conn: asyncpg.Connection) -> list[str]:
-    """Names of migrations not applied yet (for `check` and start-up)."""
+    """Names of migrations `migrate` would apply now (for `check` and start-up), judged as `migrate` judges them."""
     exists = await conn.fetchval("SELECT to_regclass('seatwatch_migrations') IS NOT NULL")
     done: set[str] = set()
     if exists:
         done = {r["name"] for r in await conn.fetch("SELECT name FROM seatwatch_migrations")}
-    return [m.name for m in migrations() if m.name not in done]
+    pending = []
+    for migration in migrations():
+        try:
+            state = await _objects_state(conn, migration)
+        except FatalStartError:
+            state = "partial"
+        if not (state == "present" or (state == "none" and migration.name in done)):
+            pending.append(migration.name)
+    return pending

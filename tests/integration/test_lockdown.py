@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import pytest
 
-from daemon.store.migrations import migrate, migrations
+from daemon.errors import FatalStartError
+from daemon.store.migrations import migrate, migrations, pending_migrations
 from daemon.store.pool import connect
 from tests.support.procs import daemon_env, quiet_cron, run_cli
 
@@ -219,3 +220,15 @@ async def test_daemon_starts_after_anon_tried_and_rows_were_deleted(
     proc = daemons.start(env)
     await asyncio.to_thread(proc.wait_healthy)
     assert await supabase.fetchval("SELECT count(*) FROM seatwatch_migrations") == len(MIGRATION_NAMES)
+
+
+async def test_a_migration_half_in_place_is_refused_with_what_is_missing(supabase: asyncpg.Connection) -> None:
+    """Some of a migration's functions present, some not: migrate names both and changes nothing."""
+    await migrate(supabase)
+    await supabase.execute("DROP FUNCTION seatwatch_claim(text, text, boolean, text[])")
+    await supabase.execute("DELETE FROM seatwatch_migrations WHERE name = '0002_seatwatch'")
+    with pytest.raises(
+        FatalStartError, match=r"0002_seatwatch is half in place: .*seatwatch_observe.* seatwatch_claim"
+    ):
+        await migrate(supabase)
+    assert await pending_migrations(supabase) == ["0002_seatwatch"]
