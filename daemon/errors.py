@@ -94,11 +94,12 @@ class EmailRetry(EmailError):
 class EmailQuotaExceeded(EmailRetry):
     """Resend's daily or monthly sending quota is used up (a 429 naming it): nothing goes until it resets.
 
-    ``period`` is ``daily`` (resets at the next UTC midnight) or ``monthly`` (the first of the next month, UTC).
+    ``period`` is ``daily`` (resets at the next UTC midnight) or ``monthly`` (the first of the next month, UTC);
+    ``retry_after_s`` is Resend's Retry-After when it sent one.
     """
 
-    def __init__(self, message: str, period: str) -> None:
-        super().__init__(message, None, ambiguous=False, pause_all=True)
+    def __init__(self, message: str, period: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s, ambiguous=False, pause_all=True)
         self.period = period
 
 

@@ -132,6 +132,7 @@ class OutboxSender:
         self.quota_per_month = quota_per_month
         self.utc_now = utc_now
         self.quota_pause: QuotaPause | None = None  # health: degraded while set
+        self._quota_reset_seen: datetime | None = None  # when the last quota 429's pause ended
 
     def wake(self) -> None:
         """New rows were committed: send them now rather than at the next poll."""
@@ -198,6 +199,8 @@ class OutboxSender:
         """Lease one due batch (forming one if none is waiting) and send it. False when nothing is due."""
         if self.clock() < self._not_before:
             return False
+        if self.quota_pause is not None and self.utc_now() >= self.quota_pause.until:
+            self.quota_pause = None  # reset; the quota is counted again below
         room = await self._quota_room()
         if room == 0:
             return False
@@ -247,10 +250,12 @@ class OutboxSender:
                 room = min(room, quota - sent)
         return room
 
-    def _pause(self, period: str, reason: str) -> float:
-        """Send nothing until the ``period`` quota resets; the seconds until then."""
+    def _pause(self, period: str, reason: str, wait_s: float | None = None) -> float:
+        """Send nothing until the ``period`` quota resets (or for ``wait_s``); the seconds paused."""
         now = self.utc_now()
         until = quota_reset(period, now)
+        if wait_s is not None:
+            until = now + timedelta(seconds=wait_s)
         wait_s = max(1.0, (until - now).total_seconds())
         self._not_before = self.clock() + wait_s
         if self.quota_pause is None or self.quota_pause.until != until:
@@ -259,8 +264,20 @@ class OutboxSender:
         return wait_s
 
     async def _quota_exceeded(self, batch: Batch, exc: EmailQuotaExceeded) -> None:
-        """Resend's quota is used up: the same batch waits for the reset, the attempt not counted."""
-        wait_s = self._pause(exc.period, str(exc))
+        """Resend's quota is used up: the same batch waits for the reset, the attempt not counted.
+
+        The reset is Resend's Retry-After when it gives one, else the UTC day's or month's end. Refused again
+        just after such a reset (Resend may count its day differently), the next look is an hour later, not a
+        day: at most 24 requests a day go to a quota that is still used up.
+        """
+        # A Retry-After under a minute is a rate limit's, not a quota's reset: asking every few seconds is what
+        # this pause exists to stop.
+        wait_s = exc.retry_after_s if exc.retry_after_s is not None and exc.retry_after_s >= 60 else None
+        if wait_s is None and self._quota_reset_seen is not None and self.utc_now() >= self._quota_reset_seen:
+            wait_s = min(3600.0, (quota_reset(exc.period, self.utc_now()) - self.utc_now()).total_seconds())
+        wait_s = self._pause(exc.period, str(exc), wait_s)
+        assert self.quota_pause is not None
+        self._quota_reset_seen = self.quota_pause.until
         async with self.pool.acquire() as conn:
             await queries.schedule_retry(conn, batch.key, wait_s, str(exc), False, counted=False)
 
@@ -324,7 +341,7 @@ class OutboxSender:
             await queries.mark_sent(conn, batch.key, [e.row_id for e in batch.emails], ids)
         for kind in batch.types:
             self.metrics.emails.labels(kind, "sent").inc()
-        self.failing, self.last_error, self.quota_pause = False, None, None
+        self.failing, self.last_error, self.quota_pause, self._quota_reset_seen = False, None, None, None
         logger.info("outbox: batch %s sent (%d emails, attempt %d)", batch.key, len(batch.emails), batch.attempts)
 
     async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None, *, ambiguous: bool) -> None:

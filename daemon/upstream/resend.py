@@ -85,7 +85,7 @@ class ResendTransport:
         if period is not None:
             # Not a rate: the day's or the month's emails are used up. Waiting 60 s and asking again would
             # spend a request a minute all day for nothing.
-            raise EmailQuotaExceeded(f"Resend answered 429: {reason}", period)
+            raise EmailQuotaExceeded(f"Resend answered 429: {reason}", period, wait_s)
         if status == 429:
             raise EmailRetry(f"Resend answered 429: {reason}", wait_s or 60.0, ambiguous=False, pause_all=True)
         if status >= 500:

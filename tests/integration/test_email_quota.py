@@ -225,3 +225,21 @@ async def test_health_status_and_metrics_show_the_quota_pause(
     assert quota["paused_until"] is not None
     text = await asyncio.to_thread(run_cli, "status", env=env)
     assert "sent today 0/100, this month 0/3000  PAUSED until" in text.stdout
+
+
+async def test_refused_again_after_the_reset_looks_again_hourly(pool: asyncpg.Pool, resend: ResendStub) -> None:
+    """Still refused just after the UTC reset (Resend counts its own day): the next look is an hour on, not a day."""
+    await owed_emails(pool, 1)
+    resend.quota_left = 0
+    clock = Clock()
+    async with httpx.AsyncClient() as http:
+        outbox = sender(pool, http, resend, clock)
+        assert await outbox.send_one()
+        assert outbox.quota_pause is not None
+        assert outbox.quota_pause.until == datetime(2026, 12, 5, tzinfo=UTC)
+        clock.advance((outbox.quota_pause.until - clock.utc).total_seconds() + 1)
+        await pool.execute("UPDATE seatwatch_outbox_batches SET next_attempt_at = now()")
+        assert await outbox.send_one()  # refused again
+        assert outbox.quota_pause.until == datetime(2026, 12, 5, 1, 0, 1, tzinfo=UTC)
+        assert not await outbox.send_one()
+    assert len(resend.requests) == 2
