@@ -90,8 +90,8 @@ async def web_app_writes(
 async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
     """Empty every table the tests write, so tests in one module do not see each other."""
     await db.execute(
-        "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_section_states, notifications_sent, "
-        "class_watches, class_states, user_profiles, auth.users CASCADE"
+        "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_outbox_suppressed, seatwatch_section_states, "
+        "notifications_sent, class_watches, class_states, user_profiles, auth.users CASCADE"
     )
 
 
