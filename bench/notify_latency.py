@@ -180,6 +180,8 @@ class Phase:
             "SEATWATCH_SCRAPER_TIMEOUT_S": "30",
             "SEATWATCH_VISIBILITY_TIMEOUT_S": "60",
             "SEATWATCH_LOG_LEVEL": "info",
+            "SEATWATCH_EMAIL_QUOTA_PER_DAY": "0",  # the stand-in Resend has no quota
+            "SEATWATCH_EMAIL_QUOTA_PER_MONTH": "0",
         }
         if self.adaptive:
             env.update(

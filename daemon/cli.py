@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
-from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
+from daemon.errors import ConfigError, Exit, FatalStartError, StoreUnavailable, driver_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     requeue = dlq_sub.add_parser("requeue", help="put dead letters back on the queue (all, or these ids)")
     requeue.add_argument("ids", nargs="*", metavar="ID")
     dlq_sub.add_parser("purge", help="delete every dead letter")
+    prune = sub.add_parser("prune", help="delete what the privacy policy says is kept no longer (see README)")
+    prune.add_argument("--dry-run", action="store_true", help="delete nothing; print what a prune would delete")
     demo = sub.add_parser("demo", help="the whole pipeline on this machine with nothing configured")
     demo.add_argument("--dir", default="seatwatch-demo", help="where the demo keeps its servers and outbox")
     demo.add_argument("--port", type=int, default=8080, help="health port (0 = any free port)")
@@ -113,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "breaker": _breaker,
         "lock": _lock,
         "dlq": _dlq,
+        "prune": _prune,
         "demo": _demo,
     }
     try:
@@ -170,6 +173,9 @@ def _migrate(args: argparse.Namespace) -> int:
         conn = await connect(settings.database_url.reveal())
         try:
             applied = await migrate(conn)
+        except FatalStartError as exc:  # a migration half in place: an operator must look
+            print(f"seatwatch: {exc}", file=sys.stderr)
+            return Exit.CONFIG
         finally:
             await conn.close()
         print("applied: " + ", ".join(applied) if applied else "nothing to do: every migration is applied")
@@ -238,6 +244,14 @@ def _dlq(args: argparse.Namespace) -> int:
     if args.action == "requeue":
         return _async(lambda: admin.dlq_requeue(settings, args.ids))
     return _async(lambda: admin.dlq_purge(settings))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    settings = load_settings(NEEDS_DATABASE)
+    _configure_logs(settings)
+    from daemon.commands.prune import prune
+
+    return _async(lambda: prune(settings, dry_run=args.dry_run))
 
 
 def _demo(args: argparse.Namespace) -> int:

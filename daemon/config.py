@@ -36,6 +36,7 @@ Stagger = Literal["parity", "none"]  # parity: :00 checks even class numbers, :3
 Schedule = Literal["cron", "adaptive"]  # SPEC §4 ticks, or §11 due times
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+OnOff = Literal["on", "off"]
 Needs = Literal["all", "database", "redis", "stores"]
 
 EMAIL_TRANSPORTS: Final[tuple[EmailTransport, ...]] = ("resend", "file")
@@ -43,6 +44,7 @@ STAGGERS: Final[tuple[Stagger, ...]] = ("parity", "none")
 SCHEDULES: Final[tuple[Schedule, ...]] = ("cron", "adaptive")
 LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
+ON_OFF: Final[tuple[OnOff, ...]] = ("on", "off")
 
 # The sets of variables each command needs; anything else may be absent for that command.
 NEEDS_ALL: Final = "all"
@@ -101,6 +103,10 @@ class Settings:
     scrapes_per_hour: int = 3600
     concurrency_auto: bool = False
     concurrency_max: int = 32
+    # SPEC §7.4: Resend's quotas (0 = none), counted from the outbox's sent rows; and the opt-in retention.
+    email_quota_per_day: int = 100
+    email_quota_per_month: int = 3000
+    retention: bool = False
     # Which variables were validated as required (see ``from_env(needs=...)``).
     needs: Needs = field(default=NEEDS_ALL)
 
@@ -198,6 +204,9 @@ class _Limits(TypedDict):
     redis_budget_per_day: int
     log_format: LogFormat
     log_level: LogLevel
+    email_quota_per_day: int
+    email_quota_per_month: int
+    retention: bool
 
 
 class _Parser(EnvReader):
@@ -342,7 +351,7 @@ class _Parser(EnvReader):
         return _Identity(health_host=health_host, health_port=health_port, redis_prefix=prefix, consumer=consumer)
 
     def _limits(self) -> _Limits:
-        """Timeouts, retries, the breaker, the lock, the Redis budget and the logs."""
+        """Timeouts, retries, the breaker, the lock, the Redis budget, the logs, email quotas and retention."""
         return _Limits(
             scraper_timeout_s=self.seconds("SEATWATCH_SCRAPER_TIMEOUT_S", 90),
             visibility_timeout_s=self.seconds("SEATWATCH_VISIBILITY_TIMEOUT_S", 300),
@@ -357,6 +366,9 @@ class _Parser(EnvReader):
             redis_budget_per_day=self.integer("SEATWATCH_REDIS_BUDGET_PER_DAY", 16000, high=10**9),
             log_format=self.choice("SEATWATCH_LOG_FORMAT", "text", LOG_FORMATS),
             log_level=self.choice("SEATWATCH_LOG_LEVEL", "info", LOG_LEVELS),
+            email_quota_per_day=self.integer("SEATWATCH_EMAIL_QUOTA_PER_DAY", 100, low=0, high=10**9),
+            email_quota_per_month=self.integer("SEATWATCH_EMAIL_QUOTA_PER_MONTH", 3000, low=0, high=10**9),
+            retention=self.choice("SEATWATCH_RETENTION", "off", ON_OFF) == "on",
         )
 
     def _cross_check(self, schedule: _Schedule, limits: _Limits, timeout_stop_s: float | None) -> None:

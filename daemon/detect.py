@@ -6,16 +6,23 @@
 * An instructor notification only when the previous instructor was exactly ``Staff`` and the new one is a
   non-empty name other than ``Staff``.
 * When open seats drop from > 0 to 0 the seat claims are reset, so the next opening notifies again.
+* The web app's own observation (a newer ``class_states`` row of the same term, ``PreviousState.snapshot``)
+  sits between the previous state and the new one: the edges are judged along previous -> snapshot -> new.
+  A fill seen only by the web app (3 -> 0 -> 2) resets the claims and the opening after it notifies; an
+  opening seen only by it (0 -> 2 -> 2) is still owed to those waiting; an opening it saw that is gone
+  again (0 -> 2 -> 0) resets the claims and notifies nobody.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 STAFF: Final = "Staff"
 SEAT_AVAILABLE: Final = "seat_available"
 INSTRUCTOR_ASSIGNED: Final = "instructor_assigned"
+_T = TypeVar("_T")
 
 
 Drift = tuple[str, str]
@@ -47,7 +54,7 @@ class Observation:
         return self.non_reserved_seats if self.non_reserved_seats is not None else self.seats_available
 
     def row(self) -> tuple[object, ...]:
-        """The values in the order ``seatwatch_observe_v2`` takes them after term and class_nbr."""
+        """The values in the order ``seatwatch_observe_v3`` takes them after term and class_nbr."""
         return (
             self.subject,
             self.catalog_nbr,
@@ -63,12 +70,16 @@ class Observation:
 
 @dataclass(frozen=True)
 class PreviousState:
-    """What the section looked like before; ``source`` is 'seatwatch' or 'class_states' (cutover)."""
+    """What the section looked like before; ``source`` is 'seatwatch' or 'class_states' (cutover).
+
+    ``snapshot``: the web app's observation written to ``class_states`` after seatwatch's own, if any.
+    """
 
     source: str
     instructor: str | None
     seats_available: int | None
     non_reserved_seats: int | None
+    snapshot: PreviousState | None = None
 
     @property
     def open_seats(self) -> int | None:
@@ -110,10 +121,22 @@ def detect(previous: PreviousState | None, new: Observation) -> Changes:
     """The changes from ``previous`` (None: never seen) to ``new``; pure, no I/O."""
     if previous is None:
         return Changes(first_observation=True)
-    before, after = previous.open_seats, new.open_seats
+    path = [previous] if previous.snapshot is None else [previous, previous.snapshot]
+    seats = [state.open_seats for state in path] + [new.open_seats]
+    # An instructor unknown in between (None) carries the one before it forward.
+    names: list[str | None] = []
+    for state in path:
+        names.append(state.instructor if state.instructor is not None or not names else names[-1])
     name = (new.instructor or "").strip()
+    names.append(name)
     return Changes(
-        seat_opened=before == 0 and after > 0,
-        seats_filled=before is not None and before > 0 and after == 0,
-        instructor_assigned=previous.instructor == STAFF and name not in ("", STAFF),
+        seat_opened=new.open_seats > 0 and any(a == 0 and b is not None and b > 0 for a, b in _steps(seats)),
+        seats_filled=any(a is not None and a > 0 and b == 0 for a, b in _steps(seats)),
+        instructor_assigned=name not in ("", STAFF)
+        and any(a == STAFF and b is not None and b.strip() not in ("", STAFF) for a, b in _steps(names)),
     )
+
+
+def _steps(values: list[_T]) -> list[tuple[_T, _T]]:
+    """Consecutive pairs: the edges along a path of states."""
+    return list(itertools.pairwise(values))

@@ -91,6 +91,18 @@ class EmailRetry(EmailError):
         self.pause_all = pause_all
 
 
+class EmailQuotaExceeded(EmailRetry):
+    """Resend's daily or monthly sending quota is used up (a 429 naming it): nothing goes until it resets.
+
+    ``period`` is ``daily`` (resets at the next UTC midnight) or ``monthly`` (the first of the next month, UTC);
+    ``retry_after_s`` is Resend's Retry-After when it sent one.
+    """
+
+    def __init__(self, message: str, period: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message, retry_after_s, ambiguous=False, pause_all=True)
+        self.period = period
+
+
 class EmailRejected(EmailError):
     """Resend refused the batch's content (400/422): nothing was sent, retrying the same bytes cannot help."""
 

@@ -17,6 +17,19 @@ and is never re-formed into a different batch.
 
 Requests are paced to Resend's rate limit (2 per second by default); a 429 or a refused API key pauses
 every batch, not just the one that got it. Sent rows are kept 30 days.
+
+The send-time re-check (SPEC §7.4): a batch nothing of which can have reached Resend yet (its first request,
+or every earlier one definitely refused: no connection, a 429, a 401/403) is re-checked before its request.
+Rows no longer owed (recipient unsubscribed, bounced, complained, disabled or deleted; watch deleted; a seat
+email whose section was seen full since) move to ``seatwatch_outbox_suppressed`` with their reason. A batch
+just formed goes on under its key without them (its key never reached Resend); an older one is retired and
+its remaining rows form a new batch under a new key. A batch that may have reached Resend (an attempt
+without an answer, a 5xx, or an attempt whose outcome was never recorded) is resent unchanged under its key.
+
+Quotas (Resend's free tier: 100 emails a day, 3,000 a month): the sender counts the sent rows of today and of
+this month (UTC) in Postgres and never starts a batch the configured quota cannot take; with nothing left, or
+when Resend answers 429 naming its daily or monthly quota, sending pauses until the quota resets (the next UTC
+midnight, or the first of the next month) without spending a retry, and health shows it (``quota_pause``).
 """
 
 from __future__ import annotations
@@ -25,13 +38,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from daemon import faults
 from daemon.backoff import Backoff, Outage, retry_delay_s
-from daemon.errors import EmailRejected, EmailRetry, StoreUnavailable, error_name
+from daemon.errors import EmailQuotaExceeded, EmailRejected, EmailRetry, StoreUnavailable, error_name
 from daemon.store import outbox_queries as queries
 from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 
@@ -65,6 +79,24 @@ class Batch:
     types: list[str]
 
 
+@dataclass(frozen=True)
+class QuotaPause:
+    """Sending paused until a quota resets: ``period`` (daily, monthly), until when (UTC), and why."""
+
+    period: str
+    until: datetime
+    reason: str
+
+
+def quota_reset(period: str, now: datetime) -> datetime:
+    """When a ``daily`` (next UTC midnight) or ``monthly`` (first of next month, UTC) quota resets after ``now``."""
+    now = now.astimezone(UTC)
+    if period == "monthly":
+        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+        return datetime(year, month, 1, tzinfo=UTC)
+    return datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+
+
 class OutboxSender:
     """Drains ``seatwatch_outbox`` into the email transport, a batch at a time, until ``stopping``."""
 
@@ -79,6 +111,9 @@ class OutboxSender:
         requests_per_s: float = 2.0,
         retry_base_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        quota_per_day: int = 0,
+        quota_per_month: int = 0,
+        utc_now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.pool = pool
         self.owner = owner
@@ -93,6 +128,11 @@ class OutboxSender:
         self._wake = anyio.Event()
         self.failing = False  # the last request did not go through (health: degraded)
         self.last_error: str | None = None
+        self.quota_per_day = quota_per_day  # 0: none
+        self.quota_per_month = quota_per_month
+        self.utc_now = utc_now
+        self.quota_pause: QuotaPause | None = None  # health: degraded while set
+        self._quota_reset_seen: datetime | None = None  # when the last quota 429's pause ended
 
     def wake(self) -> None:
         """New rows were committed: send them now rather than at the next poll."""
@@ -159,13 +199,25 @@ class OutboxSender:
         """Lease one due batch (forming one if none is waiting) and send it. False when nothing is due."""
         if self.clock() < self._not_before:
             return False
-        batch = await self._lease_due_batch() or await self._form_batch()
+        if self.quota_pause is not None and self.utc_now() >= self.quota_pause.until:
+            self.quota_pause = None  # reset; the quota is counted again below
+        room = await self._quota_room()
+        if room == 0:
+            return False
+        batch = await self._lease_due_batch(room) or await self._form_batch(room)
         if batch is None:
             return False
+        if not batch.ambiguous:
+            recheck = await self._recheck(batch)
+            if recheck is None:
+                return True  # nothing of it is left to send under this key
+            batch = recheck
         faults.point("batch_formed")
         await self._pace()
         try:
             ids = await self.transport.send(batch.key, batch.emails)
+        except EmailQuotaExceeded as exc:
+            await self._quota_exceeded(batch, exc)
         except EmailRetry as exc:
             if exc.pause_all and exc.retry_after_s:
                 self._not_before = self.clock() + exc.retry_after_s
@@ -183,16 +235,62 @@ class OutboxSender:
             await anyio.sleep(wait_s)
         self._last_request = self.clock()
 
-    async def _lease_due_batch(self) -> Batch | None:
+    async def _quota_room(self) -> int:
+        """How many emails the next batch may hold: the batch limit, or what is left of the quotas."""
+        if not self.quota_per_day and not self.quota_per_month:
+            return BATCH_LIMIT
+        async with self.pool.acquire() as conn:
+            today, month = await queries.sent_counts(conn)
+        room = BATCH_LIMIT
+        for period, quota, sent in (("monthly", self.quota_per_month, month), ("daily", self.quota_per_day, today)):
+            if quota and sent >= quota:
+                self._pause(period, f"the {period} quota of {quota} emails is used up ({sent} sent)")
+                return 0
+            if quota:
+                room = min(room, quota - sent)
+        return room
+
+    def _pause(self, period: str, reason: str, wait_s: float | None = None) -> float:
+        """Send nothing until the ``period`` quota resets (or for ``wait_s``); the seconds paused."""
+        now = self.utc_now()
+        until = quota_reset(period, now)
+        if wait_s is not None:
+            until = now + timedelta(seconds=wait_s)
+        wait_s = max(1.0, (until - now).total_seconds())
+        self._not_before = self.clock() + wait_s
+        if self.quota_pause is None or self.quota_pause.until != until:
+            logger.warning("outbox: sending paused until %s: %s", until.isoformat(timespec="seconds"), reason)
+        self.quota_pause = QuotaPause(period, until, reason)
+        return wait_s
+
+    async def _quota_exceeded(self, batch: Batch, exc: EmailQuotaExceeded) -> None:
+        """Resend's quota is used up: the same batch waits for the reset, the attempt not counted.
+
+        The reset is Resend's Retry-After when it gives one, else the UTC day's or month's end. Refused again
+        just after such a reset (Resend may count its day differently), the next look is an hour later, not a
+        day: at most 24 requests a day go to a quota that is still used up.
+        """
+        # A Retry-After under a minute is a rate limit's, not a quota's reset: asking every few seconds is what
+        # this pause exists to stop.
+        wait_s = exc.retry_after_s if exc.retry_after_s is not None and exc.retry_after_s >= 60 else None
+        if wait_s is None and self._quota_reset_seen is not None and self.utc_now() >= self._quota_reset_seen:
+            wait_s = min(3600.0, (quota_reset(exc.period, self.utc_now()) - self.utc_now()).total_seconds())
+        wait_s = self._pause(exc.period, str(exc), wait_s)
+        assert self.quota_pause is not None
+        self._quota_reset_seen = self.quota_pause.until
+        async with self.pool.acquire() as conn:
+            await queries.schedule_retry(conn, batch.key, wait_s, str(exc), False, counted=False)
+
+    async def _lease_due_batch(self, room: int = BATCH_LIMIT) -> Batch | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            due = await queries.lease_due_batch(conn, LEASE_S, self.owner)
+            due = await queries.lease_due_batch(conn, LEASE_S, self.owner, room)
             if due is None:
                 return None
             return await self._load(conn, due.key, due.attempt, due.age_s, due.ambiguous)
 
-    async def _form_batch(self) -> Batch | None:
+    async def _form_batch(self, room: int = BATCH_LIMIT) -> Batch | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await queries.unbatched_rows(conn, BATCH_LIMIT)
+            rows = await queries.unbatched_rows(conn, room)
             if not rows:
                 return None
             # A row split out of a rejected batch travels alone; others fill the batch in id order.
@@ -213,6 +311,29 @@ class OutboxSender:
             types=[r.notification_type for r in rows],
         )
 
+    async def _recheck(self, batch: Batch) -> Batch | None:
+        """Drop the rows no longer owed (SPEC §7.4); the batch to send now, or None if none is left to send."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            reasons = await queries.ineligible(conn, [e.row_id for e in batch.emails])
+            if not reasons:
+                return batch
+            await queries.suppress(conn, reasons)
+            left = len(batch.emails) - len(reasons)
+            result: Batch | None = None
+            if left == 0:
+                await queries.close_empty_batch(conn, batch.key, "every email suppressed before it was sent")
+            elif batch.attempts > 1:
+                # Its key went to Resend before (and was refused): the rest go again under a new key.
+                await queries.retire_batch(conn, batch.key, "emails suppressed; the rest re-formed", solo=False)
+            else:
+                result = await self._load(conn, batch.key, batch.attempts, batch.age_s, batch.ambiguous)
+        types = dict(zip([e.row_id for e in batch.emails], batch.types, strict=True))
+        for row_id, reason in reasons.items():
+            self.metrics.emails.labels(types.get(row_id, "unknown"), "suppressed").inc()
+            self.metrics.suppressed.labels(reason).inc()
+            logger.info("outbox: email %d of batch %s suppressed before sending: %s", row_id, batch.key, reason)
+        return result
+
     # -- outcomes ----------------------------------------------------------------------------------------
 
     async def _sent(self, batch: Batch, ids: list[str]) -> None:
@@ -220,12 +341,13 @@ class OutboxSender:
             await queries.mark_sent(conn, batch.key, [e.row_id for e in batch.emails], ids)
         for kind in batch.types:
             self.metrics.emails.labels(kind, "sent").inc()
-        self.failing, self.last_error = False, None
+        self.failing, self.last_error, self.quota_pause, self._quota_reset_seen = False, None, None, None
         logger.info("outbox: batch %s sent (%d emails, attempt %d)", batch.key, len(batch.emails), batch.attempts)
 
     async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None, *, ambiguous: bool) -> None:
         self.failing, self.last_error = True, reason
         if batch.age_s >= GIVE_UP_AFTER_S:
+            # batch.ambiguous counts an attempt whose outcome was never recorded too.
             if batch.ambiguous or ambiguous:
                 await self._fail_rows(
                     batch,

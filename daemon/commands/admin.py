@@ -15,7 +15,7 @@ from daemon.cron import group_for, next_slot
 from daemon.errors import Exit, LockBusy, StoreUnavailable, driver_error, error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
-from daemon.runtime.report import breaker_view, iso, lock_view, queue_view
+from daemon.runtime.report import breaker_view, email_quota_view, iso, lock_view, queue_view
 from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under
@@ -89,7 +89,16 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         try:
             conn = await connect(settings.database_url.reveal())
             try:
-                outbox = await db.outbox_counts(conn)
+                outbox = dict(await db.outbox_counts(conn))
+                paused_until = await db.quota_paused_until(conn)
+                resend = settings.email_transport == "resend"
+                outbox["quota"] = email_quota_view(
+                    settings.email_quota_per_day if resend else 0,
+                    settings.email_quota_per_month if resend else 0,
+                    outbox,
+                    paused_until=paused_until.timestamp() if paused_until else None,
+                    paused_by="Resend's quota (see the outbox's last error)" if paused_until else None,
+                )
                 schedule = await schedule_status(settings, parts.clients.client("admin"), parts.keys, conn)
             finally:
                 await conn.close()
@@ -119,6 +128,15 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _quota_text(quota: dict[str, Any] | None) -> str:
+    if not quota:
+        return ""
+    day, month = quota["per_day"], quota["per_month"]
+    text = f"  sent today {quota['sent_today']}" + (f"/{day}" if day else "")
+    text += f", this month {quota['sent_this_month']}" + (f"/{month}" if month else "")
+    return text + (f"  PAUSED until {quota['paused_until']}" if quota["paused_until"] else "")
+
+
 async def status(settings: Settings, *, as_json: bool) -> int:
     """``seatwatch status [--json]``: breaker, lock, queue, outbox, ticks and Redis commands."""
     try:
@@ -141,7 +159,9 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         f"dead_letters={q['dead_letters']}"
     )
     print(
-        f"outbox    pending={o.get('pending')} failed={o.get('failed')}" + (f"  ({o['error']})" if "error" in o else "")
+        f"outbox    pending={o.get('pending')} failed={o.get('failed')} suppressed={o.get('suppressed')}"
+        + (f"  ({o['error']})" if "error" in o else "")
+        + _quota_text(o.get("quota"))
     )
     last = t["last"]
     print(f"ticks     last={last['slot'] + ' +' + str(last['enqueued']) if last else 'none'}  next={t['next']}")

@@ -46,7 +46,13 @@ class Metrics:
             registry=r,
         )
         self.emails = Counter(
-            "seatwatch_emails", "Emails by type and outcome (sent, failed)", ["type", "outcome"], registry=r
+            "seatwatch_emails", "Emails by type and outcome (sent, failed, suppressed)", ["type", "outcome"], registry=r
+        )
+        self.suppressed = Counter(
+            "seatwatch_emails_suppressed",
+            "Emails kept back by the send-time re-check (SPEC §7.4), by reason",
+            ["reason"],
+            registry=r,
         )
         self.jobs = Counter("seatwatch_jobs", "Queue jobs by outcome", ["outcome"], registry=r)
         self.ticks = Counter("seatwatch_ticks", "Scheduler ticks by result", ["result"], registry=r)
@@ -54,7 +60,10 @@ class Metrics:
         self.queue_jobs = Gauge("seatwatch_queue_jobs", "Jobs in the queue by state", ["state"], registry=r)
         self.dead_letters = Gauge("seatwatch_queue_dead_letters", "Jobs in the dead-letter stream", registry=r)
         self.outbox_rows = Gauge(
-            "seatwatch_outbox_rows", "Outbox rows by status (pending, failed)", ["status"], registry=r
+            "seatwatch_outbox_rows",
+            "Outbox rows by status (pending, failed; suppressed: kept back in the last 30 days)",
+            ["status"],
+            registry=r,
         )
         self.breaker_state = Gauge(
             "seatwatch_breaker_state",
@@ -78,6 +87,13 @@ class Metrics:
         self.schedule_binding = Gauge(
             "seatwatch_schedule_binding", "1 for the budget that limits checking now", ["budget"], registry=r
         )
+        self.email_quota = Gauge(
+            "seatwatch_email_quota",
+            "Resend's quotas (0: none) and the emails sent against them (UTC day and month); paused: 1 while "
+            "sending waits for a quota to reset",
+            ["figure"],
+            registry=r,
+        )
         self._jobs_seen: dict[str, int] = {}
         self.snapshot_age = Gauge(
             "seatwatch_snapshot_age_seconds", "Age of the figures behind the gauges", ["source"], registry=r
@@ -93,8 +109,14 @@ class Metrics:
         ages: Mapping[str, float | None],
         jobs: Mapping[str, int] | None = None,
         schedule: Mapping[str, Any] | None = None,
+        email: Mapping[str, Any] | None = None,
     ) -> None:
         """Set the gauges from what the daemon last saw (``runtime.report`` calls this for /metrics)."""
+        if email is not None:
+            for figure in ("per_day", "per_month", "sent_today", "sent_this_month"):
+                value = email.get(figure)
+                self.email_quota.labels(figure).set(value if isinstance(value, int) else 0)
+            self.email_quota.labels("paused").set(1 if email.get("paused_until") else 0)
         if schedule is not None:
             self._refresh_schedule(schedule)
         if queue is not None:
@@ -109,7 +131,7 @@ class Metrics:
             for state in BREAKER_STATES:
                 self.breaker_state.labels(state).set(1 if breaker.state == state else 0)
         if outbox is not None:
-            for status in ("pending", "failed"):
+            for status in ("pending", "failed", "suppressed"):
                 self.outbox_rows.labels(status).set(outbox.get(status, 0))
         for purpose, count in redis_commands.items():
             self.redis_commands.labels(purpose).set(count)

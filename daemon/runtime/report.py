@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Final
 from daemon.version import version
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from daemon.primitives.breaker import BreakerState
     from daemon.primitives.queue import QueueStats
     from daemon.runtime.supervisor import Daemon
@@ -185,10 +187,12 @@ def health(daemon: Daemon) -> HealthReport:
         "last_error": outbox.last_error if outbox else None,
     }
     configured = settings.email_transport == "file" or bool(settings.resend_api_key)
+    pause = outbox.quota_pause if outbox else None
     checks["email"] = {
-        "status": "healthy" if configured else "unhealthy",
+        "status": "unhealthy" if not configured else ("degraded" if pause else "healthy"),
         "configured": configured,
         "transport": settings.email_transport,
+        "quota": health_email_quota(daemon),
     }
     checks["schedule"] = schedule_check(daemon)
     checks["configuration"] = {
@@ -209,6 +213,29 @@ def health(daemon: Daemon) -> HealthReport:
             "uptime_s": round(time.time() - daemon.started_at),
         },
     )
+
+
+def email_quota_view(
+    per_day: int,
+    per_month: int,
+    counts: Mapping[str, Any] | None,
+    *,
+    paused_until: float | None = None,
+    paused_by: str | None = None,
+) -> dict[str, Any]:
+    """Resend's quotas (0: none) against the emails sent today and this month (UTC), and a pause if one holds."""
+    counts = counts or {}
+    today, month = counts.get("sent_today"), counts.get("sent_this_month")
+    return {
+        "per_day": per_day or None,
+        "per_month": per_month or None,
+        "sent_today": today,
+        "sent_this_month": month,
+        "left_today": max(0, per_day - today) if per_day and isinstance(today, int) else None,
+        "left_this_month": max(0, per_month - month) if per_month and isinstance(month, int) else None,
+        "paused_until": iso(paused_until),
+        "paused_by": paused_by,
+    }
 
 
 def schedule_check(daemon: Daemon) -> dict[str, Any]:
@@ -257,6 +284,20 @@ def status_line(daemon: Daemon) -> str:
     return "; ".join(parts)
 
 
+def health_email_quota(daemon: Daemon) -> dict[str, Any]:
+    """``email_quota_view`` as this daemon sees it (its sender's pause, the monitor's counts)."""
+    settings, outbox = daemon.settings, daemon.outbox
+    resend = settings.email_transport == "resend"
+    pause = outbox.quota_pause if outbox else None
+    return email_quota_view(
+        settings.email_quota_per_day if resend else 0,
+        settings.email_quota_per_month if resend else 0,
+        daemon.monitor.outbox_counts,
+        paused_until=pause.until.timestamp() if pause else None,
+        paused_by=pause.reason if pause else None,
+    )
+
+
 def metrics_exposition(daemon: Daemon) -> bytes:
     """``/metrics``: the Prometheus text, refreshed from the same state health reads."""
     state = daemon.consumer.state if daemon.consumer else None
@@ -268,6 +309,7 @@ def metrics_exposition(daemon: Daemon) -> bytes:
         outbox=monitor.outbox_counts,
         redis_commands=dict(parts.clients.usage.total),
         schedule=schedule_check(daemon),
+        email=health_email_quota(daemon),
         jobs={
             "completed": state.completed,
             "retried": state.retried,

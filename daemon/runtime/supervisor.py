@@ -31,6 +31,7 @@ from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import REDIS_ERRORS
+from daemon.pruner import Pruner
 from daemon.runtime import report
 from daemon.runtime.health import HealthServer
 from daemon.runtime.monitor import Monitor
@@ -193,8 +194,15 @@ class Daemon:
             )
         )
         stack.push_async_callback(http.aclose)
+        resend = settings.email_transport == "resend"  # the quotas are Resend's
         self.outbox = OutboxSender(
-            pool, make_transport(settings, http), parts.metrics, owner=settings.consumer, progress=self.progress
+            pool,
+            make_transport(settings, http),
+            parts.metrics,
+            owner=settings.consumer,
+            progress=self.progress,
+            quota_per_day=settings.email_quota_per_day if resend else 0,
+            quota_per_month=settings.email_quota_per_month if resend else 0,
         )
         renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
         scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
@@ -266,6 +274,8 @@ class Daemon:
                     self._essential, "monitor", lambda stopping: self.monitor.run(pool, self._status_line, stopping)
                 )
                 work.start_soon(self._essential, "usage", self.monitor.flush_usage)
+                if settings.retention:
+                    work.start_soon(self._essential, "retention", Pruner(pool).run)
         if self._work_scope.cancelled_caught:
             logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
         with anyio.move_on_after(5, shield=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from daemon.detect import PreviousState
@@ -30,22 +31,33 @@ async def sections_to_check(conn: asyncpg.Connection | asyncpg.Pool, group: str)
 async def observe(conn: asyncpg.Connection, term: str, class_nbr: str, data: Sequence[Any]) -> PreviousState | None:
     """Lock the section, record the observation (and its class_states mirror), return the previous state.
 
+    The previous state carries the web app's newer ``class_states`` row of the same term as its ``snapshot``.
+
     ``data`` is (subject, catalog_nbr, title, instructor, seats_available, seats_capacity,
     non_reserved_seats, location, meeting_times). Must run inside the caller's transaction.
     """
     row = await conn.fetchrow(
-        "SELECT * FROM seatwatch_observe_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM seatwatch_observe_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         term,
         class_nbr,
         *data,
     )
     if row is None or row["prev_source"] is None:
         return None
+    snapshot = None
+    if row["snap_seats_available"] is not None:
+        snapshot = PreviousState(
+            source="class_states",
+            instructor=row["snap_instructor"],
+            seats_available=row["snap_seats_available"],
+            non_reserved_seats=row["snap_non_reserved_seats"],
+        )
     return PreviousState(
         source=row["prev_source"],
         instructor=row["prev_instructor"],
         seats_available=row["prev_seats_available"],
         non_reserved_seats=row["prev_non_reserved_seats"],
+        snapshot=snapshot,
     )
 
 
@@ -109,12 +121,18 @@ async def insert_outbox(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> 
 
 
 async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
-    """Pending and failed outbox rows, for health, status and metrics."""
+    """Pending, failed and suppressed (kept back, last 30 days) outbox rows, and the emails sent today and this
+    month (UTC, as Resend counts its quotas), for health, status and metrics."""
     row = await conn.fetchrow(
         """
         SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                count(*) FILTER (WHERE status = 'failed') AS failed,
-               count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h
+               count(*) FILTER (WHERE status = 'failed' AND created_at > now() - interval '24 hours') AS failed_24h,
+               (SELECT count(*) FROM seatwatch_outbox_suppressed) AS suppressed,
+               (SELECT count(*) FROM seatwatch_outbox
+                WHERE status = 'sent' AND sent_at >= date_trunc('day', now(), 'UTC')) AS sent_today,
+               (SELECT count(*) FROM seatwatch_outbox
+                WHERE status = 'sent' AND sent_at >= date_trunc('month', now(), 'UTC')) AS sent_this_month
         FROM seatwatch_outbox
         WHERE status IN ('pending', 'failed')
         """
@@ -124,7 +142,21 @@ async def outbox_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, in
         "pending": int(row["pending"]),
         "failed": int(row["failed"]),
         "failed_24h": int(row["failed_24h"]),
+        "suppressed": int(row["suppressed"]),
+        "sent_today": int(row["sent_today"]),
+        "sent_this_month": int(row["sent_this_month"]),
     }
+
+
+async def quota_paused_until(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
+    """When a batch Resend refused for its quota goes again (the quota's reset), if one waits for that."""
+    value = await conn.fetchval(
+        """
+        SELECT max(next_attempt_at) FROM seatwatch_outbox_batches
+        WHERE status = 'pending' AND next_attempt_at > now() AND last_error LIKE '%quota_exceeded%'
+        """
+    )
+    return value if isinstance(value, datetime) else None
 
 
 async def adaptive_sections(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:

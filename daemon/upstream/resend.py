@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import httpx
 import orjson
 
-from daemon.errors import EmailRejected, EmailRetry
+from daemon.errors import EmailQuotaExceeded, EmailRejected, EmailRetry
 from daemon.upstream.scraper import parse_retry_after
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_LIMIT: Final = 100
+# Resend's error names for its sending quotas (429), and the period each one resets on.
+QUOTA_ERRORS: Final = {"daily_quota_exceeded": "daily", "monthly_quota_exceeded": "monthly"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class ResendTransport:
         }
         try:
             response = await self.client.post(self.url, content=body, headers=headers, timeout=self.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # No connection was made, so nothing was sent: a definite refusal (SPEC §7.4).
+            raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}", ambiguous=False) from exc
         except httpx.HTTPError as exc:
             # A timeout or a reset may come after Resend accepted the batch: delivery is unknown.
             raise EmailRetry(f"Resend unreachable: {exc.__class__.__name__}", ambiguous=True) from exc
@@ -76,6 +81,11 @@ class ResendTransport:
         reason = _resend_error(response.content)
         retry_after = response.headers.get("retry-after")
         wait_s = parse_retry_after(retry_after) if retry_after else None
+        period = QUOTA_ERRORS.get(reason.split(":")[0].strip()) if status == 429 else None
+        if period is not None:
+            # Not a rate: the day's or the month's emails are used up. Waiting 60 s and asking again would
+            # spend a request a minute all day for nothing.
+            raise EmailQuotaExceeded(f"Resend answered 429: {reason}", period, wait_s)
         if status == 429:
             raise EmailRetry(f"Resend answered 429: {reason}", wait_s or 60.0, ambiguous=False, pause_all=True)
         if status >= 500:

@@ -545,7 +545,7 @@ async def test_metrics_exposition_has_the_spec_families() -> None:
     assert depth[(("state", "pending"),)] == 3.0
     assert samples(families, "seatwatch_queue_dead_letters", "seatwatch_queue_dead_letters") == {(): 1.0}
     outbox = samples(families, "seatwatch_outbox_rows", "seatwatch_outbox_rows")
-    assert outbox == {(("status", "pending"),): 5.0, (("status", "failed"),): 2.0}
+    assert outbox == {(("status", "pending"),): 5.0, (("status", "failed"),): 2.0, (("status", "suppressed"),): 0.0}
     breaker = samples(families, "seatwatch_breaker_state", "seatwatch_breaker_state")
     assert breaker == {(("state", "CLOSED"),): 0.0, (("state", "HALF_OPEN"),): 1.0, (("state", "OPEN"),): 0.0}
     commands = samples(families, "seatwatch_redis_commands", "seatwatch_redis_commands")

@@ -652,7 +652,8 @@ async def test_seatwatch_objects_are_closed_to_supabase_client_roles(legacy_data
         )
         async with conn.transaction():
             await conn.execute("SET LOCAL ROLE anon")
-            assert await conn.fetchval("SELECT count(*) FROM seatwatch_section_states") == 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval("SELECT count(*) FROM seatwatch_section_states")
         assert await conn.fetchval("SELECT count(*) FROM seatwatch_section_states") == 1
     finally:
         await conn.close()

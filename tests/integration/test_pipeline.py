@@ -21,7 +21,7 @@ from daemon.upstream.render import Renderer, unsubscribe_token
 from daemon.upstream.resend import ResendTransport
 from daemon.upstream.scraper import Scraper
 from tests.support.procs import SIGNING_KEY
-from tests.support.seed import add_legacy_state, add_user, add_watch, clear
+from tests.support.seed import add_legacy_state, add_user, add_watch, clear, web_app_writes
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ResendStub, ScraperStub, section_data
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ async def test_fill_then_reopen_emails_again(world: World) -> None:
     await add_watch(world.pool, await add_user(world.pool, "ada@example.edu"), TERM, "12432")
     for seats in (0, 2, 0, 5):
         await world.check("12432", seats=seats)
-    await world.send()
+        await world.send()
     assert world.resend.delivered_to() == ["ada@example.edu", "ada@example.edu"]
 
 
@@ -163,6 +163,86 @@ async def test_legacy_row_of_another_term_is_not_a_previous_state(world: World) 
     await add_legacy_state(world.pool, "2257", "12440", seats=0)
     await world.check("12440", seats=2)
     assert await world.outbox() == []
+
+
+async def test_fill_seen_only_by_the_web_app_rearms_and_the_reopening_emails_once(world: World) -> None:
+    """seatwatch sees 3 (emails), the web app writes 0, the next scrape sees 2: the watchers are emailed again, once."""
+    emails = ["a@example.edu", "b@example.edu"]
+    for email in emails:
+        await add_watch(world.pool, await add_user(world.pool, email), TERM, "12460")
+    await world.check("12460", seats=0)
+    await world.check("12460", seats=3)
+    await world.send()
+    assert world.resend.delivered_to() == emails
+    await web_app_writes(world.pool, TERM, "12460", seats=0)
+    await world.check("12460", seats=2)
+    await world.check("12460", seats=2)
+    await world.send()
+    assert world.resend.delivered_to() == sorted(emails * 2)
+    assert world.metrics.notifications.labels("seat_available")._value.get() == 4
+
+
+async def test_opening_seen_only_by_the_web_app_is_still_owed(world: World) -> None:
+    """seatwatch saw 0, the web app wrote 2, the next scrape sees 2: watchers without a held claim are emailed."""
+    await add_watch(world.pool, await add_user(world.pool, "waiting@example.edu"), TERM, "12462")
+    await world.check("12462", seats=0)
+    await web_app_writes(world.pool, TERM, "12462", seats=2)
+    await world.check("12462", seats=2)
+    await world.send()
+    assert world.resend.delivered_to() == ["waiting@example.edu"]
+    # A watcher added later than the opening holds no claim: still waiting, emailed at the web app's next write.
+    await add_watch(world.pool, await add_user(world.pool, "late@example.edu"), TERM, "12462")
+    await world.check("12462", seats=2)
+    await world.send()
+    assert world.resend.delivered_to() == ["waiting@example.edu"]
+
+
+async def test_opening_the_web_app_saw_that_is_gone_rearms_and_emails_nobody(world: World) -> None:
+    """3 (emailed) -> web app 0 -> 0 re-arms, 0 -> web app 2 -> 0 emails nobody, and the next opening emails again."""
+    await add_watch(world.pool, await add_user(world.pool, "g@example.edu"), TERM, "12464")
+    await world.check("12464", seats=0)
+    await world.check("12464", seats=3)
+    await world.send()
+    await web_app_writes(world.pool, TERM, "12464", seats=0)
+    await world.check("12464", seats=0)
+    await web_app_writes(world.pool, TERM, "12464", seats=2)
+    await world.check("12464", seats=0)
+    await world.send()
+    assert world.resend.delivered_to() == ["g@example.edu"]
+    await world.check("12464", seats=1)
+    await world.send()
+    assert world.resend.delivered_to() == ["g@example.edu", "g@example.edu"]
+
+
+async def test_web_app_snapshot_of_another_term_is_ignored(world: World) -> None:
+    """A web-app row of the same class number in another term is not an observation of this term's section."""
+    await add_watch(world.pool, await add_user(world.pool, "t@example.edu"), TERM, "12466")
+    await world.check("12466", seats=0)
+    await world.check("12466", seats=3)
+    await web_app_writes(world.pool, "2267", "12466", seats=0)
+    await world.check("12466", seats=2)
+    await world.send()
+    assert world.resend.delivered_to() == ["t@example.edu"]
+
+
+async def test_seatwatchs_own_mirror_write_is_not_a_web_app_observation(world: World) -> None:
+    """Without a web-app write, 3 -> 2 stays no edge however often it is checked (the mirror is seatwatch's own)."""
+    await add_watch(world.pool, await add_user(world.pool, "m2@example.edu"), TERM, "12468")
+    for seats in (0, 3, 2, 2, 5):
+        await world.check("12468", seats=seats)
+    await world.send()
+    assert world.resend.delivered_to() == ["m2@example.edu"]
+
+
+async def test_instructor_assigned_seen_only_by_the_web_app_is_still_owed(world: World) -> None:
+    """Staff, then the web app writes a name, then the scrape shows it: the instructor email goes out once."""
+    await add_watch(world.pool, await add_user(world.pool, "i@example.edu"), TERM, "12470")
+    await world.check("12470", seats=0, instructor="Staff")
+    await web_app_writes(world.pool, TERM, "12470", seats=0, instructor="Ada Lovelace")
+    await world.check("12470", seats=0, instructor="Ada Lovelace")
+    await world.check("12470", seats=0, instructor="Ada Lovelace")
+    await world.send()
+    assert [d.message["subject"] for d in world.resend.deliveries] == ["👨‍🏫 Instructor Assigned: CSE 240 (12470)"]
 
 
 async def test_instructor_assignment_notifies_once(world: World) -> None:

@@ -164,6 +164,9 @@ async def test_two_senders_through_the_pooler_send_each_email_once(bounced: asyn
     user = await add_user(bounced, "many@example.edu")
     for i in range(250):
         watch = await add_watch(bounced, user, TERM, str(60000 + i))
+        await bounced.execute(
+            "INSERT INTO notifications_sent (class_watch_id, notification_type) VALUES ($1, 'seat_available')", watch
+        )
         payload = orjson.dumps({"from": "n@pickmyclass.test", "to": [f"r{i}@example.edu"], "subject": "s", "html": "h"})
         await bounced.execute(
             "INSERT INTO seatwatch_outbox (class_watch_id, user_id, notification_type, term, class_nbr, payload, "

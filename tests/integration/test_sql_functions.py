@@ -432,13 +432,13 @@ BASE: Final[dict[str, Any]] = {
 
 
 async def observe(conn: asyncpg.Connection, term: str, class_nbr: str, **changes: Any) -> tuple[Any, ...]:
-    """seatwatch_observe_v2 (the pipeline's) with BASE overridden by ``changes``.
+    """seatwatch_observe_v3 (the pipeline's) with BASE overridden by ``changes``.
 
     Returns (source, instructor, seats, non-reserved) of the previous state.
     """
     data = {**BASE, **changes}
     row = await conn.fetchrow(
-        "SELECT * FROM seatwatch_observe_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "SELECT * FROM seatwatch_observe_v3($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         term,
         class_nbr,
         *data.values(),

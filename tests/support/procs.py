@@ -55,6 +55,9 @@ def daemon_env(
         "SEATWATCH_VISIBILITY_TIMEOUT_S": "30",
         "SEATWATCH_SHUTDOWN_GRACE_S": "10",
         "SEATWATCH_LOG_LEVEL": "debug",
+        # The stand-in Resend has no quota unless a test gives it one (and sets these to match).
+        "SEATWATCH_EMAIL_QUOTA_PER_DAY": "0",
+        "SEATWATCH_EMAIL_QUOTA_PER_MONTH": "0",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -62,11 +62,36 @@ async def add_legacy_state(
     )
 
 
+async def web_app_writes(
+    db: asyncpg.Pool | asyncpg.Connection,
+    term: str,
+    class_nbr: str,
+    *,
+    seats: int,
+    non_reserved: int | None = None,
+    instructor: str = "Staff",
+) -> None:
+    """The web app's own scrape of a section (a student added a watch): an upsert of its class_states row."""
+    await db.execute(
+        "INSERT INTO class_states (term, subject, catalog_nbr, class_nbr, title, instructor_name, seats_available, "
+        "seats_capacity, non_reserved_seats, last_checked_at) VALUES ($1, 'CSE', '240', $2, 'Intro', $3, $4, 30, $5, "
+        "now()) ON CONFLICT (class_nbr) DO UPDATE SET term = EXCLUDED.term, "
+        "instructor_name = EXCLUDED.instructor_name, "
+        "seats_available = EXCLUDED.seats_available, non_reserved_seats = EXCLUDED.non_reserved_seats, "
+        "last_checked_at = now()",
+        term,
+        class_nbr,
+        instructor,
+        seats,
+        non_reserved,
+    )
+
+
 async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
     """Empty every table the tests write, so tests in one module do not see each other."""
     await db.execute(
-        "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_section_states, notifications_sent, "
-        "class_watches, class_states, user_profiles, auth.users CASCADE"
+        "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_outbox_suppressed, seatwatch_section_states, "
+        "notifications_sent, class_watches, class_states, user_profiles, auth.users CASCADE"
     )
 
 
@@ -83,11 +108,14 @@ async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int
 
 
 async def owed_emails(pool: asyncpg.Pool, n: int) -> None:
-    """``n`` pending outbox rows, each to travel alone (so each is its own batch)."""
+    """``n`` pending outbox rows, each to travel alone (so each is its own batch), with the claims that owe them."""
     await clear(pool)
     for i in range(n):
         user = await add_user(pool, f"o{i}@example.edu")
         watch = await add_watch(pool, user, "2261", f"1244{i}")
+        await pool.execute(
+            "INSERT INTO notifications_sent (class_watch_id, notification_type) VALUES ($1, 'seat_available')", watch
+        )
         payload = (
             f'{{"from":"n@pickmyclass.test","to":["o{i}@example.edu"],"subject":"s","html":"h","text":"t",'
             '"headers":{}}'

@@ -227,6 +227,9 @@ class ResendStub(_Server):
     it answers 409 ``invalid_idempotent_request``. ``script(...)`` queues answers for the next requests:
     a ``Reply`` with ``deliver=True`` in ``headers`` (``X-Stub-Deliver: 1``) delivers before answering
     (an answer lost after delivery).
+
+    ``quota_left`` (None: no quota): how many more emails the account may send; a batch that does not fit
+    is answered 429 ``daily_quota_exceeded`` (``quota_name`` picks ``monthly_quota_exceeded``), as Resend does.
     """
 
     def __init__(self) -> None:
@@ -234,6 +237,8 @@ class ResendStub(_Server):
         self.replies: list[Reply] = []
         self.deliveries: list[Delivery] = []
         self.keys: dict[str, tuple[str, Reply]] = {}
+        self.quota_left: int | None = None
+        self.quota_name = "daily_quota_exceeded"
 
     def script(self, *replies: Reply) -> None:
         with self.lock:
@@ -263,6 +268,10 @@ class ResendStub(_Server):
                 return Reply(400, {"name": "validation_error", "message": "invalid JSON"})
             if not isinstance(messages, list) or not 1 <= len(messages) <= 100:
                 return Reply(422, {"name": "validation_error", "message": "1 to 100 emails per batch"})
+            if self.quota_left is not None:
+                if len(messages) > self.quota_left:
+                    return Reply(429, {"name": self.quota_name, "message": "You have reached your email quota."})
+                self.quota_left -= len(messages)
             ids = []
             for message in messages:
                 delivery = Delivery(str(uuid.uuid4()), key, message)

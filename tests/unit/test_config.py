@@ -768,3 +768,16 @@ def test_adaptive_settings_are_checked_together() -> None:
     assert "SEATWATCH_SCRAPES_PER_HOUR" in text
     assert "SEATWATCH_CONCURRENCY_MAX" in text
     assert problems_of(full_env(SEATWATCH_MIN_CHECK_INTERVAL_S="0"))
+
+
+def test_email_quotas_and_retention() -> None:
+    """Quotas default to Resend's free tier (100 / 3,000), 0 means none; retention is off unless 'on'."""
+    defaults = parse(full_env())
+    assert (defaults.email_quota_per_day, defaults.email_quota_per_month, defaults.retention) == (100, 3000, False)
+    set_ = parse(
+        full_env(SEATWATCH_EMAIL_QUOTA_PER_DAY="0", SEATWATCH_EMAIL_QUOTA_PER_MONTH="50000", SEATWATCH_RETENTION="ON")
+    )
+    assert (set_.email_quota_per_day, set_.email_quota_per_month, set_.retention) == (0, 50000, True)
+    problems = problems_of(full_env(SEATWATCH_EMAIL_QUOTA_PER_DAY="-1", SEATWATCH_RETENTION="yes"))
+    assert any("SEATWATCH_EMAIL_QUOTA_PER_DAY" in p for p in problems)
+    assert any("SEATWATCH_RETENTION must be one of on, off" in p for p in problems)

@@ -183,3 +183,46 @@ def test_open_seats_properties() -> None:
     assert obs(seats=5).open_seats == 5
     assert prev(seats=5, non_reserved=0).open_seats == 0
     assert prev(seats=None, non_reserved=None).open_seats is None
+
+
+# -- the web app's observation in between (SPEC §6) ----------------------------------------------------------
+
+
+def via(previous: PreviousState, snapshot: PreviousState) -> PreviousState:
+    return PreviousState(
+        previous.source, previous.instructor, previous.seats_available, previous.non_reserved_seats, snapshot
+    )
+
+
+def test_fill_seen_only_by_the_web_app_resets_and_the_reopening_notifies() -> None:
+    """3 -> (web app) 0 -> 2: the claims are reset and the opening notifies."""
+    changes = detect(via(prev(3), prev(0)), obs(2))
+    assert changes.seats_filled
+    assert changes.seat_opened
+
+
+def test_opening_seen_only_by_the_web_app_is_owed() -> None:
+    """0 -> (web app) 2 -> 2: an opening, no reset."""
+    changes = detect(via(prev(0), prev(2)), obs(2))
+    assert changes.seat_opened
+    assert not changes.seats_filled
+
+
+def test_opening_gone_again_resets_without_notifying() -> None:
+    """0 -> (web app) 2 -> 0: a fill (reset), no opening."""
+    changes = detect(via(prev(0), prev(2)), obs(0))
+    assert changes.seats_filled
+    assert not changes.seat_opened
+
+
+def test_snapshot_without_movement_changes_nothing() -> None:
+    """3 -> (web app) 4 -> 2: no edge anywhere."""
+    assert not detect(via(prev(3), prev(4)), obs(2)).touches_claims
+
+
+def test_instructor_assigned_seen_only_by_the_web_app_is_owed() -> None:
+    """Staff -> (web app) a name -> that name: the instructor email is owed; an unknown name in between is not."""
+    assert detect(via(prev(0), prev(0, instructor="Ada")), obs(0, instructor="Ada")).instructor_assigned
+    assert detect(via(prev(0), prev(0, instructor=None)), obs(0, instructor="Ada")).instructor_assigned
+    renamed = via(prev(0, instructor="Ada"), prev(0, instructor="Bo"))
+    assert not detect(renamed, obs(0, instructor="Bo")).instructor_assigned
