@@ -120,3 +120,52 @@ def test_a_migration_that_cannot_apply_ends_run_with_78(
     assert "cannot start: a migration failed: ReadOnlySQLTransactionError" in daemon.logs()
     assert "restarting cannot fix this" in daemon.logs()
     asyncio.run(delete_prefix(redis_url, prefix))
+
+
+def install_root(tmp_path: Path, scraper_url: str, database_url: str, redis_url: str) -> Path:
+    """A staged installation (as `install.sh --root` lays it out): the unit's env file and credentials."""
+    root = tmp_path / "root"
+    etc = root / "etc" / "seatwatch"
+    etc.mkdir(parents=True)
+    write_settings(tmp_path, scraper_url).rename(etc / "seatwatch.env")
+    write_credentials(etc / "credentials", database_url, redis_url)
+    return root
+
+
+def test_every_command_reads_the_installed_settings_when_the_environment_names_none(
+    tmp_path: Path, database_url: str, redis_url: str, scraper: ScraperStub
+) -> None:
+    """`seatwatch migrate` and `status` typed with no settings exported read the unit's files, and say so."""
+    root = install_root(tmp_path, scraper.url, database_url, redis_url)
+    env = {**minimal_env(), "SEATWATCH_INSTALL_ROOT": str(root)}
+    for command in (("migrate",), ("status", "--json"), ("breaker", "reset"), ("dlq", "list")):
+        result = run_cli(*command, env=env)
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+        etc = root / "etc" / "seatwatch"
+        said = f"settings from the installed unit's {etc / 'seatwatch.env'} and {etc / 'credentials'}"
+        assert said in result.stderr, result.stderr
+        assert TOKEN not in result.stdout + result.stderr
+
+
+def test_a_setting_in_the_environment_wins_over_the_installed_files(
+    tmp_path: Path, database_url: str, redis_url: str, scraper: ScraperStub
+) -> None:
+    """An environment naming any setting is used as it is: the installed files are not read."""
+    root = install_root(tmp_path, scraper.url, database_url, redis_url)
+    env = {**minimal_env(), "SEATWATCH_INSTALL_ROOT": str(root), "SEATWATCH_LOG_LEVEL": "info"}
+    result = run_cli("migrate", env=env)
+    assert result.returncode == 78
+    assert "DATABASE_URL is required" in result.stderr
+    assert "installed unit" not in result.stderr
+
+
+def test_env_file_and_credentials_work_on_every_command(
+    tmp_path: Path, database_url: str, redis_url: str, scraper: ScraperStub
+) -> None:
+    """`--env-file FILE --credentials DIR` is taken by tick, status, lock and migrate, not only by check."""
+    env_file = write_settings(tmp_path, scraper.url)
+    credentials = write_credentials(tmp_path / "credentials", database_url, redis_url)
+    given = ("--env-file", str(env_file), "--credentials", str(credentials))
+    for command in (("migrate",), ("status",), ("lock", "release", "--force"), ("tick", "--group", "all")):
+        result = run_cli(*command, *given, env=minimal_env())
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
