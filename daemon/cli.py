@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list = dlq_sub.add_parser("list", parents=[settings], help="show dead letters")
     dlq_list.add_argument("--count", type=int, default=100)
     dlq_list.add_argument("--json", action="store_true")
-    requeue = dlq_sub.add_parser("requeue", parents=[settings], help="put dead letters back on the queue (all, or these ids)")
+    requeue = dlq_sub.add_parser(
+        "requeue", parents=[settings], help="put dead letters back on the queue (all, or these ids)"
+    )
     requeue.add_argument("ids", nargs="*", metavar="ID")
     dlq_sub.add_parser("purge", parents=[settings], help="delete every dead letter")
     demo = sub.add_parser("demo", help="the whole pipeline on this machine with nothing configured")

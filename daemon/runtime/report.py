@@ -185,10 +185,12 @@ def health(daemon: Daemon) -> HealthReport:
         "last_error": outbox.last_error if outbox else None,
     }
     configured = settings.email_transport == "file" or bool(settings.resend_api_key)
+    transport_error = outbox.transport_error if outbox else None
     checks["email"] = {
-        "status": "healthy" if configured else "unhealthy",
+        "status": "unhealthy" if not configured else "degraded" if transport_error else "healthy",
         "configured": configured,
         "transport": settings.email_transport,
+        "error": transport_error,
     }
     checks["schedule"] = schedule_check(daemon)
     checks["configuration"] = {

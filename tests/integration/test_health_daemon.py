@@ -22,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.commands.embedded import RedisServer
 from daemon.primitives.clients import FREE_COMMANDS
+from daemon.store.pool import create_pool
 from tests.conftest import delete_prefix
 from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, daemon_env, run_cli
+from tests.support.seed import owed_emails
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
 if TYPE_CHECKING:
@@ -438,3 +440,61 @@ async def test_malformed_clients_do_not_disturb_a_tick(
     assert response.json()["checks"]["queue"]["dead_letters"] == 0
     daemon.assert_running()
     assert "health listener: unexpected error" not in daemon.logs()
+
+
+async def _owe_one_email(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        await owed_emails(pool, 1)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.slow
+def test_a_file_transport_that_cannot_write_degrades_health_naming_the_path_and_warns_once(
+    tmp_path: Path, redis_url: str, database_url: str, clean_prefix: str, scraper: ScraperStub, daemons: Daemons
+) -> None:
+    """An outbox folder the daemon cannot write is the `email` check's error (with its path), not a Postgres outage."""
+    anyio.run(_owe_one_email, database_url)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the outbox's parent folder should be\n")
+    env = daemon_env(
+        redis_url=redis_url,
+        database_url=database_url,
+        prefix=clean_prefix,
+        scraper_url=scraper.url,
+        SEATWATCH_CRON=CRON,
+        SEATWATCH_EMAIL_TRANSPORT="file",
+        SEATWATCH_OUTBOX_DIR=str(blocker / "outbox"),
+    )
+    daemon = daemons.start(env, healthy=False)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            daemon.assert_running()
+            with contextlib.suppress(httpx.HTTPError):
+                code, body = daemon.health()
+                if body["checks"]["email"].get("error"):
+                    break
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.2)
+        assert code == 503, body
+        assert body["status"] == "degraded"
+        assert body["checks"]["email"]["status"] == "degraded"
+        assert str(blocker) in body["checks"]["email"]["error"]
+        assert body["checks"]["database"]["status"] == "healthy"
+
+        blocker.unlink()  # the operator fixes the folder: the same batch goes at its next retry
+        deadline = time.monotonic() + 40
+        while not list(tmp_path.glob("not-a-folder/outbox/*.eml")):
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.2)
+        eventually_healthy = daemon.wait_healthy(15)
+        assert eventually_healthy["checks"]["email"]["error"] is None
+        logs = daemon.logs()
+        warnings = [line for line in logs.splitlines() if line.startswith("<4>") and "transport" in line]
+        assert len(warnings) == 1, logs
+        assert str(blocker) in warnings[0]
+        assert "Postgres unavailable" not in logs
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
