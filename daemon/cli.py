@@ -112,16 +112,22 @@ def load_settings(
     try:
         env, notes = command_environment(os.environ, env_file, credentials)
         for note in notes:
-            _complain(f"note: {note}")
+            _complain(f"note: {note}", priority=5)
         return Settings.from_env(env, needs=needs, timeout_stop_s=timeout_stop_s)
     except ConfigError as exc:
         _complain(str(exc))
         raise SystemExit(Exit.CONFIG) from None
 
 
-def _complain(message: str) -> None:
-    """A message for the operator on stderr."""
-    print(f"seatwatch: {message}", file=sys.stderr)
+def _complain(message: str, *, priority: int = 3) -> None:
+    """A message for the operator on stderr; under journald each line carries its syslog ``priority`` (3: err),
+    so ``journalctl -p err`` shows why a start failed, not only systemd's "Failed with result 'exit-code'"."""
+    from daemon.logs import stdout_is_journal
+
+    text = f"seatwatch: {message}"
+    if stdout_is_journal(sys.stderr):
+        text = "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+    print(text, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +168,7 @@ def _async(fn: Callable[[], Awaitable[int]]) -> int:
         OSError,
     ) as exc:
         shown = driver_error(exc)
-        print(f"seatwatch: {shown.__class__.__name__}: {redact_url(str(shown))}", file=sys.stderr)
+        _complain(f"{shown.__class__.__name__}: {redact_url(str(shown))}")
         return Exit.FAILURE
 
 
