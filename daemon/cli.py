@@ -16,7 +16,7 @@ import anyio
 
 from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
 from daemon.errors import ConfigError, Exit, StoreUnavailable, driver_error
-from daemon.service_env import CREDENTIALS, ENV_FILE
+from daemon.service_env import CREDENTIALS, ENV_FILE, UNIT_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -66,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     settings = _settings_options()
     sub.add_parser("run", parents=[settings], help="the daemon (systemd ExecStart)")
     sub.add_parser("migrate", parents=[settings], help="apply the SQL migrations (idempotent)")
-    sub.add_parser("check", parents=[settings], help="validate configuration and reach Postgres, Redis and the scraper")
+    check = sub.add_parser(
+        "check", parents=[settings], help="validate configuration and reach Postgres, Redis and the scraper"
+    )
+    check.add_argument(
+        "--unit",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"refuse what `run` under this unit would (its TimeoutStopSec; default {UNIT_FILE} when installed)",
+    )
     tick = sub.add_parser("tick", parents=[settings], help="run one enqueue tick now, under the cron lock")
     tick.add_argument(
         "--group",
@@ -211,7 +220,14 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings = load_settings(NEEDS_ALL, args)
+    from daemon.runtime import systemd
+    from daemon.service_env import installed
+
+    # The same validation as `run`: under systemd its own TimeoutStopSec, else the unit file's.
+    timeout_stop_s = systemd.timeout_stop_s()
+    if timeout_stop_s is None:
+        timeout_stop_s = systemd.unit_file_timeout_stop_s(args.unit or installed(UNIT_FILE))
+    settings = load_settings(NEEDS_ALL, args, timeout_stop_s=timeout_stop_s)
     from daemon.commands.checks import run_checks
 
     results = anyio.run(run_checks, settings)

@@ -534,6 +534,8 @@ def run_check(host: Host, release: Path) -> tuple[bool, str]:
             str(host.path(ETC / "seatwatch.env")),
             "--credentials",
             str(host.path(ETC / "credentials")),
+            "--unit",
+            str(release / "seatwatch.service"),  # the unit it would run under once switched
         ],
         capture_output=True,
         text=True,
