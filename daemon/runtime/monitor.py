@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from daemon import logs
 from daemon.errors import error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime.report import Probe
@@ -96,6 +97,8 @@ class Monitor:
                 "Redis" if probe is self.redis_probe else "Postgres",
                 error_name(exc) if exc else "",
             )
+        if ok and not probe.ok and probe is self.db_probe:
+            logs.postgres_back()
         probe.ok = ok
         probe.latency_ms = (time.perf_counter() - started) * 1000
         probe.error = None if ok or exc is None else (error_name(exc) or "error")
