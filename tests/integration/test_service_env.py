@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,8 +23,6 @@ from tests.conftest import delete_prefix
 from tests.support.procs import DaemonProcess, daemon_env, run_cli
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tests.support.stubs import ScraperStub
 
 TOKEN = "tok-env-file-9a8b7c"
@@ -244,3 +243,19 @@ def test_check_fails_naming_the_script_a_redis_refuses_to_run(
     assert "FAIL redis" in result.stdout
     assert "Redis refused the lock_acquire script when it ran" in result.stdout
     assert password not in result.stdout + result.stderr
+
+
+def test_run_under_the_unit_without_its_env_file_exits_78_naming_it(tmp_path: Path) -> None:
+    """The unit's env file gone: `run` gets only its credentials, reads the file itself and stops with 78 (no loop)."""
+    unit = (Path(__file__).resolve().parents[2] / "seatwatch.service").read_text()
+    assert "\nEnvironmentFile=-/etc/seatwatch/seatwatch.env\n" in unit
+    assert "RestartPreventExitStatus=78 243" in unit
+    root = tmp_path / "root"
+    (root / "etc" / "seatwatch" / "credentials").mkdir(parents=True)
+    handed = tmp_path / "run-credentials"  # what systemd's LoadCredential= makes
+    handed.mkdir()
+    env = {**minimal_env(), "SEATWATCH_INSTALL_ROOT": str(root), "CREDENTIALS_DIRECTORY": str(handed)}
+    result = run_cli("run", env=env)
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert f"cannot read the environment file {root / 'etc/seatwatch/seatwatch.env'}" in result.stderr
+    assert "No such file or directory" in result.stderr
