@@ -636,10 +636,10 @@ def run_check(host: Host, release: Path) -> tuple[bool, str]:
 def install(host: Host, args: argparse.Namespace) -> int:
     source = Source(Path(args.source).resolve())
     check_systemd(host)
+    python = find_python(host, args.python, os.environ.get("PATH", ""), install=True)
+    say(f"python: {python.path} (Python {python.version_text})")
+    say(f"source: {source.root} at {source.commit} -> seatwatch {source.version}")
     with install_lock(host):
-        python = find_python(host, args.python, os.environ.get("PATH", ""), install=True)
-        say(f"python: {python.path} (Python {python.version_text})")
-        say(f"source: {source.root} at {source.commit} -> seatwatch {source.version}")
         layout = Layout(host)
         layout.sweep_unfinished()
         if not host.user_exists(USER):

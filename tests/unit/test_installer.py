@@ -108,7 +108,8 @@ class FailingHost:
         self.staging = True
 
     def path(self, path: Path) -> Path:
-        return self.inner.path(path)
+        found: Path = self.inner.path(path)
+        return found
 
     def own_by_root(self, path: Path) -> None:
         return None
@@ -170,7 +171,7 @@ def test_a_switch_ignores_hangup_and_broken_pipes_from_the_switch_on(tmp_path: P
     saved_out = os.dup(1), os.dup(2)
     real_stdout = sys.stdout
     try:
-        sys.stdout = Gone()  # type: ignore[assignment]
+        sys.stdout = Gone()
         installer.say("the terminal is gone")  # swallowed: stdout now goes to /dev/null
         sys.stdout = real_stdout
         installer.switch_over(host, layout, "r2", [*layout.history(), "r2"])
