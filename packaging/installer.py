@@ -690,15 +690,16 @@ def install(host: Host, args: argparse.Namespace) -> int:
         switch_over(host, layout, name, [*layout.history(), name])
         kept = layout.prune(KEEP_RELEASES)
         say(f"releases kept: {', '.join(kept)}")
+    # As root, as the installer itself ran (minimal Debian has no sudo); `seatwatch` reads the unit's files.
     if previous is None and ok:
-        say("next: sudo systemctl enable --now seatwatch")
+        say("next: systemctl enable --now seatwatch")
     elif previous is None:
         missing = [n for n in CREDENTIALS if not (host.path(ETC / "credentials") / n).exists()]
-        say("next:")
+        say("next (as root):")
         say(f"  1. edit {ETC}/seatwatch.env; put each secret in {ETC}/credentials/<name> (0600); missing now:")
         say(f"     {', '.join(missing) or 'none'} (the last two only for SEATWATCH_EMAIL_TRANSPORT=resend)")
-        say(f"  2. sudo {BIN_LINK} check --env-file {ETC}/seatwatch.env")
-        say("  3. sudo systemctl enable --now seatwatch")
+        say(f"  2. seatwatch check      (reads {ETC}/seatwatch.env and {ETC}/credentials, as the unit does)")
+        say("  3. systemctl enable --now seatwatch")
     return 0
 
 
@@ -743,6 +744,7 @@ def _uninstall(host: Host, purge: bool) -> int:
     if not purge:
         say(f"kept {ETC} (settings and credentials), {STATE_DIR} and the user {USER}: --purge removes them")
         return 0
+    key_prefix = redis_prefix(host.path(ETC / "seatwatch.env"))
     for folder in (ETC, STATE_DIR):
         if host.path(folder).exists():
             shutil.rmtree(host.path(folder))
@@ -750,7 +752,22 @@ def _uninstall(host: Host, purge: bool) -> int:
     if host.user_exists(USER):
         host.remove_system_user(USER)
         say(f"removed the user {USER}")
+    say("left as they are (shared with the web app, or with other daemons; remove them yourself if wanted):")
+    say(f"  Redis: every key under {key_prefix}: (queue, lock, breaker, usage, schedule); list them with")
+    say(f"    redis-cli -u \"$REDIS_URL\" --scan --pattern '{key_prefix}:*'")
+    say("  Postgres: the seatwatch_* tables and functions, their rows (the outbox, per-term states), and the")
+    say("    notifications_sent and class_states rows seatwatch wrote (migrations are additive: nothing is dropped)")
     return 0
+
+
+def redis_prefix(env_file: Path) -> str:
+    """SEATWATCH_REDIS_PREFIX as the env file sets it (a plain NAME=value line), else the default."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        for line in env_file.read_text(encoding="utf-8").splitlines():
+            name, sep, value = line.strip().partition("=")
+            if sep and name.strip() == "SEATWATCH_REDIS_PREFIX" and value.strip().strip("'\""):
+                return value.strip().strip("'\"")
+    return "seatwatch"
 
 
 def which_python(host: Host, args: argparse.Namespace) -> int:

@@ -90,6 +90,11 @@ class Monitor:
         else:
             self._set(self.db_probe, True, started)
 
+    def record(self, what: str, exc: BaseException | None = None) -> None:
+        """What start-up learnt of ``what`` ("Redis" or "Postgres") while waiting for it: answered, or ``exc``."""
+        probe = self.redis_probe if what == "Redis" else self.db_probe
+        self._set(probe, exc is None, time.perf_counter(), exc)
+
     def _set(self, probe: Probe, ok: bool, started: float, exc: BaseException | None = None) -> None:
         if probe.ok and not ok:
             logger.warning(

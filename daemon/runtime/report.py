@@ -109,7 +109,10 @@ class Probe:
     at: float | None = None  # monotonic
 
     def check(self, now: float) -> dict[str, Any]:
-        """The health check of this dependency, with the probe's age."""
+        """The health check of this dependency, with the probe's age ("unknown" before it was ever tried: at
+        start the daemon waits for Redis, then for Postgres)."""
+        if self.at is None:
+            return {"status": "unknown", "connected": None, "age_s": None, "note": "not tried yet"}
         body: dict[str, Any] = {"status": "healthy" if self.ok else "unhealthy", "connected": self.ok}
         if self.latency_ms is not None and self.ok:
             body["latency_ms"] = round(self.latency_ms, 2)

@@ -176,11 +176,16 @@ class Daemon:
         backoff = Backoff(1.0, 30.0)
         while not self.stopping.is_set():
             try:
-                return await attempt()
+                result = await attempt()
             except StoreUnavailable as exc:
                 wait_s = backoff.failed()
-                # Every try is logged: start-up is when an operator is watching.
+                # Every try is logged: start-up is when an operator is watching. Health and STATUS= say it too.
                 logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
+                self.monitor.record(what, exc)
+                self.notifier.status(f"starting: waiting for {what}: {error_name(exc)} (retry in {wait_s:.0f}s)")
+            else:
+                self.monitor.record(what)
+                return result
             with anyio.move_on_after(wait_s):
                 await self.stopping.wait()
         return None

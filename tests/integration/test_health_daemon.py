@@ -20,11 +20,11 @@ import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.commands.embedded import RedisServer
+from daemon.commands.embedded import RedisServer, free_port
 from daemon.primitives.clients import FREE_COMMANDS
 from daemon.store.pool import create_pool
 from tests.conftest import delete_prefix
-from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, daemon_env, run_cli
+from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, NotifySocket, daemon_env, run_cli
 from tests.support.seed import owed_emails
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
@@ -498,3 +498,33 @@ def test_a_file_transport_that_cannot_write_degrades_health_naming_the_path_and_
         assert "Postgres unavailable" not in logs
     finally:
         assert daemon.stop() == 0, daemon.logs()
+
+
+@pytest.mark.slow
+def test_while_waiting_for_postgres_at_start_health_and_status_say_which_store_is_missing(
+    redis_url: str, clean_prefix: str, scraper: ScraperStub, daemons: Daemons
+) -> None:
+    """Redis up, Postgres away at start: health has Redis healthy and Postgres unhealthy, and STATUS= says so."""
+    notify = NotifySocket()
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    env = daemon_env(
+        redis_url=redis_url, database_url=nowhere, prefix=clean_prefix, scraper_url=scraper.url, SEATWATCH_CRON=CRON
+    )
+    daemon = daemons.start(env, notify=notify)
+    try:
+        status = notify.wait_for("STATUS=starting: waiting for Postgres: ConnectionRefusedError (retry in 1s)", 30)
+        assert "READY=1" not in status
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                code, body = daemon.health()
+                if body["checks"]["redis"]["status"] == "healthy":
+                    break
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.1)
+        assert code == 500
+        assert body["checks"]["database"]["status"] == "unhealthy"
+        assert body["checks"]["database"]["error"] == "ConnectionRefusedError"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        notify.close()

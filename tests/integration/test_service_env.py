@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -145,7 +146,12 @@ def test_every_command_reads_the_installed_settings_when_the_environment_names_n
     """`seatwatch migrate` and `status` typed with no settings exported read the unit's files, and say so."""
     root = install_root(tmp_path, scraper.url, database_url, redis_url)
     env = {**minimal_env(), "SEATWATCH_INSTALL_ROOT": str(root)}
-    for command in (("migrate",), ("status", "--json"), ("breaker", "reset"), ("dlq", "list")):
+    # The guide's cutover step 3, as typed there.
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    step = re.search(r"^3\. `seatwatch ([a-z ]+)`", guide, re.MULTILINE)
+    assert step, "the guide's cutover has no step 3 command"
+    assert step.group(1) == "migrate"
+    for command in ((step.group(1),), ("status", "--json"), ("breaker", "reset"), ("dlq", "list")):
         result = run_cli(*command, env=env)
         assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
         etc = root / "etc" / "seatwatch"
