@@ -15,7 +15,7 @@ from daemon.primitives.clients import REDIS_ERRORS, RedisClients
 from daemon.primitives.scripts import Scripts
 from daemon.secret import redact_url
 from daemon.store.migrations import pending_migrations
-from daemon.store.pool import connect, server_version
+from daemon.store.pool import connect, dsn_warnings, server_version
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,16 +42,19 @@ async def run_checks(settings: Settings) -> list[Result]:
 
 
 async def _postgres(settings: Settings) -> Result:
+    ok, detail = await _postgres_reached(settings)
+    for warning in dsn_warnings(settings.database_url.reveal()):
+        detail += f"\n      warning: {warning}"
+    return ("postgres", ok, detail)
+
+
+async def _postgres_reached(settings: Settings) -> tuple[bool, str]:
     try:
         conn = await connect(settings.database_url.reveal())
     except (StoreUnavailable, OSError) as exc:
-        return (
-            "postgres",
-            False,
-            f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}",
-        )
+        return (False, f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}")
     except Exception as exc:
-        return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
+        return (False, f"{exc.__class__.__name__}: {exc}")
     try:
         version = await server_version(conn)
         pending = await pending_migrations(conn)
@@ -59,8 +62,8 @@ async def _postgres(settings: Settings) -> Result:
         await conn.close()
     if pending:
         # Not a failure: `seatwatch run` applies them at start (and `seatwatch migrate` does it now).
-        return ("postgres", True, f"PostgreSQL {version}; to apply at start: {', '.join(pending)}")
-    return ("postgres", True, f"PostgreSQL {version}; migrations up to date")
+        return (True, f"PostgreSQL {version}; to apply at start: {', '.join(pending)}")
+    return (True, f"PostgreSQL {version}; migrations up to date")
 
 
 async def _redis(settings: Settings) -> Result:

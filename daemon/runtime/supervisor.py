@@ -39,7 +39,7 @@ from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
-from daemon.store.pool import create_pool
+from daemon.store.pool import DAEMON_POOL_SIZE, create_pool, dsn_warnings
 from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
@@ -143,6 +143,8 @@ class Daemon:
 
     async def _connect(self, stack: contextlib.AsyncExitStack) -> asyncpg.Pool | None:
         """Wait (with backoff) until Redis and Postgres answer; None if asked to stop meanwhile."""
+        for warning in dsn_warnings(self.settings.database_url.reveal()):
+            logger.warning("%s", warning)
         startup = self.parts.clients.client("startup")
         await self._until_ready("Redis", lambda: self._load_scripts(startup))
         pool: asyncpg.Pool | None = await self._until_ready("Postgres", self._open_pool)
@@ -168,9 +170,7 @@ class Daemon:
         return True
 
     async def _open_pool(self) -> asyncpg.Pool:
-        return await create_pool(
-            self.settings.database_url.reveal(), min_size=1, max_size=self.settings.concurrency + 3
-        )
+        return await create_pool(self.settings.database_url.reveal(), min_size=1, max_size=DAEMON_POOL_SIZE)
 
     async def _until_ready(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
         backoff = Backoff(1.0, 30.0)
