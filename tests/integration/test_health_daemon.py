@@ -11,7 +11,7 @@ import socket
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -52,12 +52,15 @@ CHECK_KEYS: dict[str, set[str]] = {
 }
 
 
-def with_password(url: str) -> str:
-    """The same DSN with a password in it (the local server trusts loopback, so it still connects)."""
+def with_password(url: str) -> tuple[str, str]:
+    """(a DSN with a password in it, that password): the given one kept as it is (a server that asks for it, as
+    Debian's does by default), else a made-up one (the local server trusts loopback, so it still connects)."""
     parts = urlsplit(url)
+    if parts.password:
+        return url, unquote(parts.password)
     host = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else ""  # "" with a Unix socket in ?host=
     netloc = f"{parts.username or 'postgres'}:{DB_PASSWORD}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), DB_PASSWORD
 
 
 @pytest.fixture
@@ -104,7 +107,7 @@ def test_health_reports_every_documented_check_and_no_secret(
     start_daemon: Callable[[dict[str, str]], DaemonProcess],
 ) -> None:
     """A running daemon's health has every §9 field and check key, and no secret or URL is in health or metrics."""
-    dsn = with_password(database_url)
+    dsn, password = with_password(database_url)
     env = daemon_env(
         redis_url=redis_url, database_url=dsn, prefix=clean_prefix, scraper_url=scraper.url, SEATWATCH_CRON=CRON
     )
@@ -144,7 +147,7 @@ def test_health_reports_every_documented_check_and_no_secret(
         "SCRAPER_SECRET_TOKEN": SCRAPER_TOKEN,
         "RESEND_API_KEY": RESEND_KEY,
         "SUPABASE_SERVICE_ROLE_KEY": SIGNING_KEY,
-        "the database password": DB_PASSWORD,
+        "the database password": password,
         "DATABASE_URL": dsn,
         "DATABASE_URL without password": database_url,
         "REDIS_URL": redis_url,
