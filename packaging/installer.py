@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import pwd
@@ -761,13 +762,19 @@ def _uninstall(host: Host, purge: bool) -> int:
 
 
 def redis_prefix(env_file: Path) -> str:
-    """SEATWATCH_REDIS_PREFIX as the env file sets it (a plain NAME=value line), else the default."""
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        for line in env_file.read_text(encoding="utf-8").splitlines():
-            name, sep, value = line.strip().partition("=")
-            if sep and name.strip() == "SEATWATCH_REDIS_PREFIX" and value.strip().strip("'\""):
-                return value.strip().strip("'\"")
-    return "seatwatch"
+    """SEATWATCH_REDIS_PREFIX as systemd reads the env file (by the daemon's own reader, ``daemon/envfile.py`` of
+    this checkout, which runs on 3.8 too), else the default."""
+    reader = Path(__file__).resolve().parent.parent / "daemon" / "envfile.py"
+    spec = importlib.util.spec_from_file_location("seatwatch_envfile", reader)
+    if spec is None or spec.loader is None:
+        return "seatwatch"
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        values, _ = module.read(env_file)
+    except (OSError, UnicodeDecodeError, SyntaxError):
+        return "seatwatch"
+    return str(values.get("SEATWATCH_REDIS_PREFIX") or "seatwatch")
 
 
 def which_python(host: Host, args: argparse.Namespace) -> int:

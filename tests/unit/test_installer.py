@@ -22,6 +22,8 @@ installer: Any = load_installer()
 def test_installer_parses_as_python_3_8() -> None:
     """The host's python3 may be 3.8 (it only has to run the installer): no newer syntax in the file."""
     ast.parse(INSTALLER.read_text(), feature_version=(3, 8))
+    # The env-file reader the installer borrows from the checkout (purge names the Redis prefix with it).
+    ast.parse((INSTALLER.parents[1] / "daemon" / "envfile.py").read_text(), feature_version=(3, 8))
 
 
 def make_release(root: Path, name: str) -> None:
@@ -197,3 +199,11 @@ def test_systemd_older_than_249_is_refused_saying_why(tmp_path: Path, monkeypatc
         installer.check_systemd(host)
     systemctl.write_text("#!/bin/sh\necho 'systemd 252 (252.22-1~deb12u1)'\n")
     installer.check_systemd(host)
+
+
+def test_purge_names_the_redis_prefix_the_env_file_sets(tmp_path: Path) -> None:
+    """The prefix purge names is read by the daemon's own env-file reader (quotes and comments as systemd)."""
+    env_file = tmp_path / "seatwatch.env"
+    env_file.write_text("# settings\nSEATWATCH_REDIS_PREFIX='prod-a'  \nSEATWATCH_CRON=0,30 * * * *\n")
+    assert installer.redis_prefix(env_file) == "prod-a"
+    assert installer.redis_prefix(tmp_path / "absent.env") == "seatwatch"
