@@ -207,3 +207,15 @@ def test_purge_names_the_redis_prefix_the_env_file_sets(tmp_path: Path) -> None:
     env_file.write_text("# settings\nSEATWATCH_REDIS_PREFIX='prod-a'  \nSEATWATCH_CRON=0,30 * * * *\n")
     assert installer.redis_prefix(env_file) == "prod-a"
     assert installer.redis_prefix(tmp_path / "absent.env") == "seatwatch"
+
+
+def test_a_second_installer_at_the_same_time_is_refused(tmp_path: Path) -> None:
+    """While one run holds the lock, another (install, rollback or uninstall) is refused, not interleaved."""
+    host = installer.Host(tmp_path)
+    with installer.install_lock(host):
+        with pytest.raises(installer.Refused, match=r"another install\.sh is running"), installer.install_lock(host):
+            pass
+        with pytest.raises(installer.Refused, match=r"another install\.sh is running"):
+            installer.uninstall(host, purge=False)
+    with installer.install_lock(host):
+        pass  # free again once the first run ends
