@@ -203,17 +203,18 @@ def health(daemon: Daemon) -> HealthReport:
         "stagger": settings.stagger,
         "schedule": settings.schedule,
     }
-    status = overall(checks)
-    return HealthReport(
-        status,
-        {
-            "timestamp": iso(time.time()),
-            "status": status,
-            "version": version(),
-            "checks": checks,
-            "uptime_s": round(time.time() - daemon.started_at),
-        },
-    )
+    # Until READY=1 the daemon does no work, whatever each store says (it may be applying migrations).
+    status = overall(checks) if daemon.ready else "unhealthy"
+    body = {
+        "timestamp": iso(time.time()),
+        "status": status,
+        "version": version(),
+        "checks": checks,
+        "uptime_s": round(time.time() - daemon.started_at),
+    }
+    if not daemon.ready:
+        body["starting"] = daemon.starting
+    return HealthReport(status, body)
 
 
 def schedule_check(daemon: Daemon) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class Daemon:
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
         self._started = False  # READY=1 was sent
+        self.starting = "starting"  # until READY=1: what start-up is doing (health and STATUS= show it)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -112,6 +113,15 @@ class Daemon:
             return Exit.FAILURE
         logger.info("stopped")
         return Exit.OK
+
+    @property
+    def ready(self) -> bool:
+        """READY=1 was sent: the work loops run."""
+        return self._started
+
+    def _starting(self, what: str) -> None:
+        self.starting = what
+        self.notifier.status(f"starting: {what}")
 
     def stop(self) -> None:
         """Begin a graceful shutdown, as the first SIGTERM does: no new work, running jobs get the grace."""
@@ -151,6 +161,7 @@ class Daemon:
         if pool is None:
             return None
         stack.push_async_callback(pool.close)
+        self._starting("applying migrations")
         # Migrations run here, in the main process, so a failing one ends `run` with Exit.CONFIG (78), which the
         # unit's RestartPreventExitStatus honours (an ExecStartPre's exit status it would not).
         try:
@@ -182,7 +193,7 @@ class Daemon:
                 # Every try is logged: start-up is when an operator is watching. Health and STATUS= say it too.
                 logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
                 self.monitor.record(what, exc)
-                self.notifier.status(f"starting: waiting for {what}: {error_name(exc)} (retry in {wait_s:.0f}s)")
+                self._starting(f"waiting for {what}: {error_name(exc)} (retry in {wait_s:.0f}s)")
             else:
                 self.monitor.record(what)
                 return result

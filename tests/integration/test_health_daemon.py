@@ -526,6 +526,7 @@ def test_while_waiting_for_postgres_at_start_health_and_status_say_which_store_i
             assert time.monotonic() < deadline, daemon.logs()
             time.sleep(0.1)
         assert code == 500
+        assert body["starting"].startswith("waiting for Postgres: ConnectionRefusedError")
         assert body["checks"]["database"]["status"] == "unhealthy"
         assert body["checks"]["database"]["error"] == "ConnectionRefusedError"
     finally:
