@@ -166,7 +166,7 @@ class FatalStartError(SeatwatchError):
 
 
 class EmbeddedUnavailable(SeatwatchError, RuntimeError):
-    """The embedded extra is not installed (``pip install 'seatwatch[embedded]'``)."""
+    """The embedded servers are not there (x86_64: the ``embedded`` extra; arm64: none exist, use the distro's)."""
 
 
 def driver_error(exc: BaseException) -> BaseException:

@@ -120,6 +120,44 @@ def stdout_is_journal(stream: object, env: Mapping[str, str] | None = None) -> b
     return f"{info.st_dev}:{info.st_ino}" == f"{device}:{inode}"
 
 
+class _PoolFloorNoise(logging.Filter):
+    """asyncpg's pool logs "Failed to restore the pool connection floor; retrying" with a 50-line traceback on
+    every reconnect attempt while Postgres is away (hundreds of warning lines a minute). This keeps the first
+    of an outage as one warning line naming the error, and turns the rest, and every traceback, into debug
+    lines. ``postgres_back`` (the monitor's probe answering again) ends the outage."""
+
+    PREFIX: Final = "Failed to restore the pool connection floor"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warned = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.PREFIX):
+            return True
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        if self.warned:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return debug
+        self.warned = True
+        cause = record.exc_info[1] if record.exc_info else None
+        if debug and record.exc_info:
+            logging.getLogger(record.name).debug("pool connection floor: traceback", exc_info=record.exc_info)
+        record.msg = "Postgres: the pool cannot reopen its connections (%s); retrying (said once per outage)"
+        record.args = (f"{cause.__class__.__name__}: {cause}" if cause else "unknown error",)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_pool_floor = _PoolFloorNoise()
+logging.getLogger("asyncpg.pool").addFilter(_pool_floor)
+
+
+def postgres_back() -> None:
+    """Postgres answers again: the next pool-floor failure starts a new outage (and is warned about once)."""
+    _pool_floor.warned = False
+
+
 def configure(*, fmt: str = "text", level: str = "info", secrets: Iterable[str] = (), stream: object = None) -> None:
     """Send every log record to stdout in the chosen format, scrubbing ``secrets``."""
     scrub = _Scrubber(secrets)

@@ -133,6 +133,10 @@ class OutboxSender:
         self.utc_now = utc_now
         self.quota_pause: QuotaPause | None = None  # health: degraded while set
         self._quota_reset_seen: datetime | None = None  # when the last quota 429's pause ended
+        # The transport's own failure (the file transport's disk: full, not writable), not Postgres's: shown by
+        # health's `email` check and warned about once per outage, with the path.
+        self.transport_error: str | None = None
+        self._transport_outage = Outage(f"outbox: the {getattr(transport, 'name', 'email')} transport", logger)
 
     def wake(self) -> None:
         """New rows were committed: send them now rather than at the next poll."""
@@ -160,7 +164,7 @@ class OutboxSender:
                 if self.clock() >= next_purge:
                     await self.purge()
                     next_purge = self.clock() + PURGE_EVERY_S
-            except (StoreUnavailable, OSError) as exc:  # OSError: the file transport's disk (full, gone)
+            except StoreUnavailable as exc:
                 # A batch this sender had leased may have been cut off mid-way (sent, not yet marked): once
                 # Postgres answers, free it for a resend under its key now rather than after its lease.
                 leases_released = False
@@ -218,6 +222,8 @@ class OutboxSender:
             ids = await self.transport.send(batch.key, batch.emails)
         except EmailQuotaExceeded as exc:
             await self._quota_exceeded(batch, exc)
+        except OSError as exc:  # the file transport's disk; a Postgres outage is StoreUnavailable, raised elsewhere
+            await self._transport_failed(batch, exc)
         except EmailRetry as exc:
             if exc.pause_all and exc.retry_after_s:
                 self._not_before = self.clock() + exc.retry_after_s
@@ -336,12 +342,25 @@ class OutboxSender:
 
     # -- outcomes ----------------------------------------------------------------------------------------
 
+    async def _transport_failed(self, batch: Batch, exc: OSError) -> None:
+        """The transport could not write (disk full, permissions): the same batch again later, warned once."""
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = f"{exc.__class__.__name__}: {exc.strerror or exc}{where}"
+        self.failing, self.last_error, self.transport_error = True, reason, reason
+        self._transport_outage.down(reason)
+        delay_s = retry_delay_s(batch.attempts, self.retry_base_s, cap_s=60)
+        async with self.pool.acquire() as conn:
+            await queries.schedule_retry(conn, batch.key, delay_s, reason, False)
+        logger.debug("outbox: batch %s again in %.0fs: %s", batch.key, delay_s, reason)
+
     async def _sent(self, batch: Batch, ids: list[str]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await queries.mark_sent(conn, batch.key, [e.row_id for e in batch.emails], ids)
         for kind in batch.types:
             self.metrics.emails.labels(kind, "sent").inc()
         self.failing, self.last_error, self.quota_pause, self._quota_reset_seen = False, None, None, None
+        self.transport_error = None
+        self._transport_outage.up()
         logger.info("outbox: batch %s sent (%d emails, attempt %d)", batch.key, len(batch.emails), batch.attempts)
 
     async def _retry(self, batch: Batch, reason: str, retry_after_s: float | None, *, ambiguous: bool) -> None:

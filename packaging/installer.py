@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import pwd
@@ -74,7 +75,50 @@ class Refused(Exception):
 
 
 def say(message: str) -> None:
-    print(message, flush=True)
+    """A line for the operator. A terminal that went away (an SSH session dropped, ``| head`` done reading) does
+    not stop the installer: from then on its output, and its commands', goes to /dev/null."""
+    try:
+        print(message, flush=True)
+    except OSError:
+        lose_terminal()
+
+
+def lose_terminal() -> None:
+    """Point stdout and stderr (ours and every later command's) at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+MIN_SYSTEMD = 249
+
+
+def systemd_version() -> int | None:
+    """The version ``systemctl --version`` reports, or None when there is no systemctl."""
+    try:
+        out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"systemd (\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+def check_systemd(host: Host) -> None:
+    """The unit needs systemd >= 249: before it, a folder in ``LoadCredential=`` fails every start with 243."""
+    found = systemd_version()
+    if found is None:
+        if host.staging:
+            say("systemd: no systemctl here (staging): the version is not checked")
+            return
+        raise Refused("no systemctl: seatwatch runs as a systemd service (systemd 249 or newer)")
+    if found < MIN_SYSTEMD:
+        raise Refused(
+            f"systemd {found} is too old: the unit needs {MIN_SYSTEMD} or newer (before it, LoadCredential= of a"
+            " folder fails every start with status 243, 'Protocol error'). Debian 12, Ubuntu 22.04 and Oracle Linux 9"
+            " have it; on Debian 11 upgrade to Debian 12 first"
+        )
+    say(f"systemd: {found} (the unit needs {MIN_SYSTEMD} or newer)")
 
 
 # -- where the installer acts ---------------------------------------------------------------------------
@@ -478,6 +522,47 @@ class Layout:
         return kept
 
 
+def switch_over(host: Host, layout: Layout, name: str, history: list[str]) -> None:
+    """Make ``name`` current: switch ``current``, install its unit and the command, daemon-reload, restart a
+    running service, record ``history``. One step: it finishes, or everything it changed is put back (the
+    previous release current, its unit reloaded and restarted, the history as it was).
+
+    From here on a lost terminal cannot stop it half way: SIGHUP and SIGPIPE are ignored (and stay ignored in
+    the systemctl it runs), and output to a closed pipe is dropped (``say``). SIGTERM or Ctrl-C rolls back.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    previous = layout.current()
+    unit = host.path(UNIT)
+    old_unit = unit.read_text(encoding="utf-8") if unit.is_file() else None
+    try:
+        layout.switch(name)
+        install_unit(host, layout.releases / name)
+        link_command(host)
+        host.system(["systemctl", "daemon-reload"])
+        host.system(["systemctl", "try-restart", UNIT_NAME])
+        layout.save_history(history)
+    except BaseException as exc:
+        # Nothing may interrupt the way back either.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        say(f"switch to {name} did not finish ({exc.__class__.__name__}: {exc}); putting {previous or 'nothing'} back")
+        if previous is not None:
+            layout.switch(previous)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                layout.current_link.unlink()
+        if old_unit is not None:
+            write_atomically(unit, old_unit, 0o644)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                unit.unlink()
+        host.system(["systemctl", "daemon-reload"], check=False)
+        if previous is not None:
+            host.system(["systemctl", "try-restart", UNIT_NAME], check=False)
+        raise
+
+
 @contextlib.contextmanager
 def install_lock(host: Host) -> Iterator[None]:
     """One installer at a time."""
@@ -534,6 +619,8 @@ def run_check(host: Host, release: Path) -> tuple[bool, str]:
             str(host.path(ETC / "seatwatch.env")),
             "--credentials",
             str(host.path(ETC / "credentials")),
+            "--unit",
+            str(release / "seatwatch.service"),  # the unit it would run under once switched
         ],
         capture_output=True,
         text=True,
@@ -549,6 +636,7 @@ def run_check(host: Host, release: Path) -> tuple[bool, str]:
 
 def install(host: Host, args: argparse.Namespace) -> int:
     source = Source(Path(args.source).resolve())
+    check_systemd(host)
     python = find_python(host, args.python, os.environ.get("PATH", ""), install=True)
     say(f"python: {python.path} (Python {python.version_text})")
     say(f"source: {source.root} at {source.commit} -> seatwatch {source.version}")
@@ -599,25 +687,20 @@ def install(host: Host, args: argparse.Namespace) -> int:
                 raise Refused(
                     f"the new release's check failed; current stays at {previous}. Fix the settings, or pass --force"
                 )
-        layout.switch(name)
-        history = layout.history()
-        layout.save_history([*history, name])
         say(f"current: {PREFIX}/current -> releases/{name}" + (f" (was {previous})" if previous else ""))
-        install_unit(host, release)
-        link_command(host)
-        host.system(["systemctl", "daemon-reload"])
-        host.system(["systemctl", "try-restart", UNIT_NAME])
+        switch_over(host, layout, name, [*layout.history(), name])
         kept = layout.prune(KEEP_RELEASES)
         say(f"releases kept: {', '.join(kept)}")
+    # As root, as the installer itself ran (minimal Debian has no sudo); `seatwatch` reads the unit's files.
     if previous is None and ok:
-        say("next: sudo systemctl enable --now seatwatch")
+        say("next: systemctl enable --now seatwatch")
     elif previous is None:
         missing = [n for n in CREDENTIALS if not (host.path(ETC / "credentials") / n).exists()]
-        say("next:")
+        say("next (as root):")
         say(f"  1. edit {ETC}/seatwatch.env; put each secret in {ETC}/credentials/<name> (0600); missing now:")
         say(f"     {', '.join(missing) or 'none'} (the last two only for SEATWATCH_EMAIL_TRANSPORT=resend)")
-        say(f"  2. sudo {BIN_LINK} check --env-file {ETC}/seatwatch.env")
-        say("  3. sudo systemctl enable --now seatwatch")
+        say(f"  2. seatwatch check      (reads {ETC}/seatwatch.env and {ETC}/credentials, as the unit does)")
+        say("  3. systemctl enable --now seatwatch")
     return 0
 
 
@@ -632,16 +715,19 @@ def rollback(host: Host) -> int:
         if current is None or not earlier:
             raise Refused("no earlier release to roll back to")
         target = earlier[-1]
-        layout.switch(target)
-        layout.save_history(history[: len(history) - history[::-1].index(target)])
         say(f"current: {PREFIX}/current -> releases/{target} (was {current})")
-        install_unit(host, layout.releases / target)
-        host.system(["systemctl", "daemon-reload"])
-        host.system(["systemctl", "try-restart", UNIT_NAME])
+        switch_over(host, layout, target, history[: len(history) - history[::-1].index(target)])
     return 0
 
 
 def uninstall(host: Host, purge: bool) -> int:
+    if not host.path(PREFIX).exists():
+        return _uninstall(host, purge)
+    with install_lock(host):
+        return _uninstall(host, purge)
+
+
+def _uninstall(host: Host, purge: bool) -> int:
     unit = host.path(UNIT)
     if unit.exists():
         host.system(["systemctl", "disable", "--now", UNIT_NAME], check=False)
@@ -659,6 +745,7 @@ def uninstall(host: Host, purge: bool) -> int:
     if not purge:
         say(f"kept {ETC} (settings and credentials), {STATE_DIR} and the user {USER}: --purge removes them")
         return 0
+    key_prefix = redis_prefix(host.path(ETC / "seatwatch.env"))
     for folder in (ETC, STATE_DIR):
         if host.path(folder).exists():
             shutil.rmtree(host.path(folder))
@@ -666,7 +753,28 @@ def uninstall(host: Host, purge: bool) -> int:
     if host.user_exists(USER):
         host.remove_system_user(USER)
         say(f"removed the user {USER}")
+    say("left as they are (shared with the web app, or with other daemons; remove them yourself if wanted):")
+    say(f"  Redis: every key under {key_prefix}: (queue, lock, breaker, usage, schedule); list them with")
+    say(f"    redis-cli -u \"$REDIS_URL\" --scan --pattern '{key_prefix}:*'")
+    say("  Postgres: the seatwatch_* tables and functions, their rows (the outbox, per-term states), and the")
+    say("    notifications_sent and class_states rows seatwatch wrote (migrations are additive: nothing is dropped)")
     return 0
+
+
+def redis_prefix(env_file: Path) -> str:
+    """SEATWATCH_REDIS_PREFIX as systemd reads the env file (by the daemon's own reader, ``daemon/envfile.py`` of
+    this checkout, which runs on 3.8 too), else the default."""
+    reader = Path(__file__).resolve().parent.parent / "daemon" / "envfile.py"
+    spec = importlib.util.spec_from_file_location("seatwatch_envfile", reader)
+    if spec is None or spec.loader is None:
+        return "seatwatch"
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        values, _ = module.read(env_file)
+    except (OSError, UnicodeDecodeError, SyntaxError):
+        return "seatwatch"
+    return str(values.get("SEATWATCH_REDIS_PREFIX") or "seatwatch")
 
 
 def which_python(host: Host, args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ SERIAL_MODULES = frozenset({"test_adaptive"})
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES:
+        if item.path.stem in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
 
 

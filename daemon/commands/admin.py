@@ -20,7 +20,14 @@ from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
 from daemon.scheduler import enqueue_under
 from daemon.store import db
-from daemon.store.pool import connect, create_pool
+from daemon.store.pool import (
+    COMMAND_CONNECTIONS,
+    DAEMON_POOL_SIZE,
+    connect,
+    connect_options,
+    create_pool,
+    dsn_warnings,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -52,7 +59,7 @@ async def tick_now(settings: Settings, group: str | None) -> int:
         group = group_for(datetime.now(settings.tz), settings.stagger)
     try:
         async with _parts(settings) as parts:
-            pool = await create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+            pool = await create_pool(settings.database_url.reveal(), min_size=1, max_size=COMMAND_CONNECTIONS)
             try:
                 try:
                     grant = await parts.lock.acquire()
@@ -124,6 +131,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         },
         "redis_commands": projection(today, now, settings.redis_budget_per_day),
         "schedule": schedule,
+        "postgres": postgres_view(settings),
         "generated_at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
     }
 
@@ -135,6 +143,18 @@ def _quota_text(quota: dict[str, Any] | None) -> str:
     text = f"  sent today {quota['sent_today']}" + (f"/{day}" if day else "")
     text += f", this month {quota['sent_this_month']}" + (f"/{month}" if month else "")
     return text + (f"  PAUSED until {quota['paused_until']}" if quota["paused_until"] else "")
+
+
+def postgres_view(settings: Settings) -> dict[str, Any]:
+    """How many Postgres clients seatwatch holds, and through what (for status)."""
+    dsn = settings.database_url.reveal()
+    options = connect_options(dsn)
+    return {
+        "connections_per_daemon": DAEMON_POOL_SIZE,
+        "connections_per_command": COMMAND_CONNECTIONS,
+        "statement_cache": options.get("statement_cache_size", 100) != 0,
+        "warnings": dsn_warnings(dsn),
+    }
 
 
 async def status(settings: Settings, *, as_json: bool) -> int:
@@ -166,6 +186,14 @@ async def status(settings: Settings, *, as_json: bool) -> int:
     last = t["last"]
     print(f"ticks     last={last['slot'] + ' +' + str(last['enqueued']) if last else 'none'}  next={t['next']}")
     print(_schedule_line(report["schedule"]))
+    pg = report["postgres"]
+    print(
+        f"postgres  {pg['connections_per_daemon']} connections per daemon (a fixed pool), "
+        f"{pg['connections_per_command']} per command like this one; statement cache "
+        + ("on" if pg["statement_cache"] else "off (transaction-mode pooler)")
+    )
+    for warning in pg["warnings"]:
+        print(f"          warning: {warning}")
     by = ", ".join(f"{k}={v}" for k, v in r["by_purpose"].items()) or "none yet"
     print(
         f"redis     today={r['today']} ({by}); projected {r['projected_day']}/day, {r['projected_month']}/month "

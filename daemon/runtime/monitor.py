@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from daemon import logs
 from daemon.errors import error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime.report import Probe
@@ -89,6 +90,11 @@ class Monitor:
         else:
             self._set(self.db_probe, True, started)
 
+    def record(self, what: str, exc: BaseException | None = None) -> None:
+        """What start-up learnt of ``what`` ("Redis" or "Postgres") while waiting for it: answered, or ``exc``."""
+        probe = self.redis_probe if what == "Redis" else self.db_probe
+        self._set(probe, exc is None, time.perf_counter(), exc)
+
     def _set(self, probe: Probe, ok: bool, started: float, exc: BaseException | None = None) -> None:
         if probe.ok and not ok:
             logger.warning(
@@ -96,6 +102,8 @@ class Monitor:
                 "Redis" if probe is self.redis_probe else "Postgres",
                 error_name(exc) if exc else "",
             )
+        if ok and not probe.ok and probe is self.db_probe:
+            logs.postgres_back()
         probe.ok = ok
         probe.latency_ms = (time.perf_counter() - started) * 1000
         probe.error = None if ok or exc is None else (error_name(exc) or "error")

@@ -111,7 +111,10 @@ class Probe:
     at: float | None = None  # monotonic
 
     def check(self, now: float) -> dict[str, Any]:
-        """The health check of this dependency, with the probe's age."""
+        """The health check of this dependency, with the probe's age ("unknown" before it was ever tried: at
+        start the daemon waits for Redis, then for Postgres)."""
+        if self.at is None:
+            return {"status": "unknown", "connected": None, "age_s": None, "note": "not tried yet"}
         body: dict[str, Any] = {"status": "healthy" if self.ok else "unhealthy", "connected": self.ok}
         if self.latency_ms is not None and self.ok:
             body["latency_ms"] = round(self.latency_ms, 2)
@@ -188,10 +191,12 @@ def health(daemon: Daemon) -> HealthReport:
     }
     configured = settings.email_transport == "file" or bool(settings.resend_api_key)
     pause = outbox.quota_pause if outbox else None
+    transport_error = outbox.transport_error if outbox else None
     checks["email"] = {
-        "status": "unhealthy" if not configured else ("degraded" if pause else "healthy"),
+        "status": "unhealthy" if not configured else ("degraded" if pause or transport_error else "healthy"),
         "configured": configured,
         "transport": settings.email_transport,
+        "error": transport_error,
         "quota": health_email_quota(daemon),
     }
     checks["schedule"] = schedule_check(daemon)
@@ -202,17 +207,18 @@ def health(daemon: Daemon) -> HealthReport:
         "stagger": settings.stagger,
         "schedule": settings.schedule,
     }
-    status = overall(checks)
-    return HealthReport(
-        status,
-        {
-            "timestamp": iso(time.time()),
-            "status": status,
-            "version": version(),
-            "checks": checks,
-            "uptime_s": round(time.time() - daemon.started_at),
-        },
-    )
+    # Until READY=1 the daemon does no work, whatever each store says (it may be applying migrations).
+    status = overall(checks) if daemon.ready else "unhealthy"
+    body = {
+        "timestamp": iso(time.time()),
+        "status": status,
+        "version": version(),
+        "checks": checks,
+        "uptime_s": round(time.time() - daemon.started_at),
+    }
+    if not daemon.ready:
+        body["starting"] = daemon.starting
+    return HealthReport(status, body)
 
 
 def email_quota_view(

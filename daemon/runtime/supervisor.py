@@ -40,7 +40,7 @@ from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
-from daemon.store.pool import create_pool
+from daemon.store.pool import DAEMON_POOL_SIZE, create_pool, dsn_warnings
 from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
@@ -84,6 +84,7 @@ class Daemon:
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
         self._started = False  # READY=1 was sent
+        self.starting = "starting"  # until READY=1: what start-up is doing (health and STATUS= show it)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -113,6 +114,15 @@ class Daemon:
             return Exit.FAILURE
         logger.info("stopped")
         return Exit.OK
+
+    @property
+    def ready(self) -> bool:
+        """READY=1 was sent: the work loops run."""
+        return self._started
+
+    def _starting(self, what: str) -> None:
+        self.starting = what
+        self.notifier.status(f"starting: {what}")
 
     def stop(self) -> None:
         """Begin a graceful shutdown, as the first SIGTERM does: no new work, running jobs get the grace."""
@@ -144,12 +154,15 @@ class Daemon:
 
     async def _connect(self, stack: contextlib.AsyncExitStack) -> asyncpg.Pool | None:
         """Wait (with backoff) until Redis and Postgres answer; None if asked to stop meanwhile."""
+        for warning in dsn_warnings(self.settings.database_url.reveal()):
+            logger.warning("%s", warning)
         startup = self.parts.clients.client("startup")
         await self._until_ready("Redis", lambda: self._load_scripts(startup))
         pool: asyncpg.Pool | None = await self._until_ready("Postgres", self._open_pool)
         if pool is None:
             return None
         stack.push_async_callback(pool.close)
+        self._starting("applying migrations")
         # Migrations run here, in the main process, so a failing one ends `run` with Exit.CONFIG (78), which the
         # unit's RestartPreventExitStatus honours (an ExecStartPre's exit status it would not).
         try:
@@ -169,19 +182,22 @@ class Daemon:
         return True
 
     async def _open_pool(self) -> asyncpg.Pool:
-        return await create_pool(
-            self.settings.database_url.reveal(), min_size=1, max_size=self.settings.concurrency + 3
-        )
+        return await create_pool(self.settings.database_url.reveal(), min_size=1, max_size=DAEMON_POOL_SIZE)
 
     async def _until_ready(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
         backoff = Backoff(1.0, 30.0)
         while not self.stopping.is_set():
             try:
-                return await attempt()
+                result = await attempt()
             except StoreUnavailable as exc:
                 wait_s = backoff.failed()
-                # Every try is logged: start-up is when an operator is watching.
+                # Every try is logged: start-up is when an operator is watching. Health and STATUS= say it too.
                 logger.warning("waiting for %s: %s (retry in %.0fs)", what, error_name(exc), wait_s)
+                self.monitor.record(what, exc)
+                self._starting(f"waiting for {what}: {error_name(exc)} (retry in {wait_s:.0f}s)")
+            else:
+                self.monitor.record(what)
+                return result
             with anyio.move_on_after(wait_s):
                 await self.stopping.wait()
         return None

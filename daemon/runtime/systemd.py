@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +148,34 @@ def parse_timespan_s(text: str) -> float | None:
     for number, unit in parts:
         total += float(number) * _SPAN_UNITS[unit]
     return total
+
+
+DEFAULT_TIMEOUT_STOP_S = 90.0  # systemd's DefaultTimeoutStopSec=
+
+
+def unit_file_timeout_stop_s(path: Path) -> float | None:
+    """The stop timeout a unit file gives its service (``TimeoutStopSec=``, else ``TimeoutSec=``, else systemd's
+    default of 90 s); None when the file cannot be read or says ``infinity``. For ``check``, which runs outside
+    the unit but must refuse what ``run`` under it would."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    section = ""
+    found: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        if sep and section == "Service" and key.strip() in ("TimeoutStopSec", "TimeoutSec"):
+            found[key.strip()] = value.strip()  # the last assignment wins, as in systemd
+    if "TimeoutStopSec" not in found and "TimeoutSec" not in found:
+        return DEFAULT_TIMEOUT_STOP_S
+    value = found.get("TimeoutStopSec") or found.get("TimeoutSec") or ""
+    if value.replace(".", "", 1).isdigit():
+        return float(value)  # a bare number is seconds
+    return parse_timespan_s(value)

@@ -16,6 +16,7 @@ ROLLBACK, a connection's reset on release. Code above catches ``StoreUnavailable
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -29,6 +30,33 @@ if TYPE_CHECKING:
 
 TRANSACTION_POOLER_PORT: Final = 6543
 STATEMENT_CACHE_PARAM: Final = "statement_cache_size"
+
+# Postgres clients per process, fixed whatever the concurrency: a check holds a connection only for its one
+# short transaction (the scrape happens outside it), so five serve 32 scrapes in flight. Supabase's Supavisor
+# allows about 15 clients per database and role in session mode on the free tier: two daemons (10) and a few
+# operator commands (one each) fit. README "Postgres connections" documents these numbers.
+DAEMON_POOL_SIZE: Final = 5
+COMMAND_CONNECTIONS: Final = 1
+
+# Supabase's direct host, db.<project ref>.supabase.co, has only an IPv6 address on the free tier.
+_SUPABASE_DIRECT = re.compile(r"db\.([a-z0-9]+)\.supabase\.co")
+
+
+def dsn_warnings(dsn: str) -> list[str]:
+    """What an operator should know about ``dsn`` before it fails at 3 a.m. (shown by ``check``, logged by ``run``)."""
+    try:
+        host = urlsplit(dsn).hostname or ""
+    except ValueError:
+        return []
+    match = _SUPABASE_DIRECT.fullmatch(host)
+    if match is None:
+        return []
+    return [
+        f"DATABASE_URL names Supabase's direct host {host}, which has only an IPv6 address on the free tier"
+        " (Oracle's networks are IPv4 by default): use the pooler, postgresql://postgres.<ref>:<password>@"
+        "aws-0-<region>.pooler.supabase.com:5432/postgres?sslmode=require (session mode; 6543: transaction mode)"
+    ]
+
 
 # The driver's connection-level failures: Postgres is away, not wrong. Translated to StoreUnavailable here.
 _DRIVER_CONNECTION_ERRORS: Final = (

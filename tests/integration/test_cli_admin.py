@@ -164,3 +164,30 @@ async def test_status_shows_breaker_times_as_health_does(
     assert opened.last_failure_ms is not None
     assert shown["last_failure"] == iso(opened.last_failure_ms / 1000)
     assert str(shown["last_state_change"]).endswith("Z")
+
+
+async def test_status_shows_the_postgres_clients_each_daemon_and_command_holds(env: dict[str, str]) -> None:
+    """`status` says how many Postgres connections a daemon (a fixed 5) and a command (1) hold, for Supavisor."""
+    result = run_cli("status", "--json", env={**env, "SEATWATCH_CONCURRENCY": "auto"})
+    assert result.returncode == 0, result.stderr
+    postgres = orjson.loads(result.stdout)["postgres"]
+    assert postgres["connections_per_daemon"] == 5
+    assert postgres["connections_per_command"] == 1
+    assert postgres["warnings"] == []
+    text = run_cli("status", env=env)
+    assert "postgres  5 connections per daemon (a fixed pool), 1 per command like this one" in text.stdout
+
+
+async def test_the_daemons_pool_is_fixed_whatever_the_concurrency(env: dict[str, str]) -> None:
+    """With SEATWATCH_CONCURRENCY=auto (32 in flight) the daemon's pool still holds at most 5 connections."""
+    from daemon.config import Settings
+    from daemon.runtime.supervisor import Daemon
+
+    settings = Settings.from_env({**env, "SEATWATCH_CONCURRENCY": "auto"})
+    daemon = Daemon(settings)
+    pool = await daemon._open_pool()
+    try:
+        assert pool.get_max_size() == 5
+    finally:
+        await pool.close()
+        await daemon.parts.clients.aclose()

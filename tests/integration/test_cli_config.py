@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +145,28 @@ def test_check_hides_password_query_parameter() -> None:
     assert "FAIL postgres" in result.stdout
     assert "FAIL redis" in result.stdout
     assert_no_secret(result.stdout, result.stderr)
+
+
+def run_under_journald(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """``seatwatch ARGS`` with stdout and stderr on one stream that $JOURNAL_STREAM names, as systemd runs it."""
+    read_end, write_end = os.pipe()
+    info = os.fstat(write_end)
+    env = {**env, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}", "SEATWATCH_INSTALL_ROOT": "/nonexistent"}
+    with os.fdopen(read_end, "rb") as reader:
+        process = subprocess.Popen([sys.executable, "-m", "daemon", *args], env=env, stdout=write_end, stderr=write_end)
+        os.close(write_end)
+        output = reader.read().decode()
+    return process.wait(30), output
+
+
+def test_why_a_start_failed_is_logged_at_err_under_journald() -> None:
+    """Under journald every line of a configuration error carries <3>, so the guide's `journalctl -p err` shows it."""
+    code, output = run_under_journald("run", env=broken_env())
+    assert code == 78
+    lines = output.splitlines()
+    assert lines, output
+    assert all(line.startswith("<3>") for line in lines), output
+    assert any("SCRAPER_URL is required" in line for line in lines)
+    assert_no_secret(output)
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    assert "`journalctl -u seatwatch -b -p err`" in guide  # "why it stopped": err is priority 3 and below

@@ -6,6 +6,7 @@ import email
 import email.policy
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -76,3 +77,29 @@ def test_demo_runs_the_whole_pipeline_with_nothing_configured(tmp_path: Path) ->
     assert all(m["List-Unsubscribe"].startswith("<http://localhost:3000/api/unsubscribe?token=") for m in messages)
     subjects = {m["Subject"] for m in messages}
     assert any(s.startswith("🎉 Seat Available:") for s in subjects)
+
+
+def test_scripts_demo_installs_from_the_hashed_lock(tmp_path: Path) -> None:
+    """scripts/demo installs the locked, hashed versions (as CI tests them), then seatwatch itself without deps."""
+    repo = Path(__file__).resolve().parents[2]
+    tree = tmp_path / "checkout"
+    (tree / "scripts").mkdir(parents=True)
+    shutil.copy2(repo / "scripts" / "demo", tree / "scripts" / "demo")
+    shutil.copytree(repo / "packaging", tree / "packaging")
+    bin_dir = tree / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    for name in ("python", "seatwatch"):  # stand-ins that record how they were called
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+        (bin_dir / name).chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(tree / "scripts" / "demo"), "--duration", "1"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3, calls
+    assert "--require-hashes -r " in calls[0]
+    arm64 = os.uname().machine in ("aarch64", "arm64")  # there: the dev lock less the embedded servers
+    assert arm64 or calls[0].endswith("-r packaging/requirements-dev.lock")
+    assert calls[1].endswith("--no-deps --no-build-isolation -e .")
+    assert calls[2] == "seatwatch demo --duration 1"

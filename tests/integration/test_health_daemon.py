@@ -11,7 +11,7 @@ import socket
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -20,10 +20,12 @@ import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.commands.embedded import RedisServer
+from daemon.commands.embedded import RedisServer, free_port
 from daemon.primitives.clients import FREE_COMMANDS
+from daemon.store.pool import create_pool
 from tests.conftest import delete_prefix
-from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, daemon_env, run_cli
+from tests.support.procs import SIGNING_KEY, DaemonProcess, Daemons, NotifySocket, daemon_env, run_cli
+from tests.support.seed import owed_emails
 from tests.support.stubs import RESEND_KEY, SCRAPER_TOKEN, Reply, ScraperStub, section_data
 
 if TYPE_CHECKING:
@@ -50,12 +52,15 @@ CHECK_KEYS: dict[str, set[str]] = {
 }
 
 
-def with_password(url: str) -> str:
-    """The same DSN with a password in it (the local server trusts loopback, so it still connects)."""
+def with_password(url: str) -> tuple[str, str]:
+    """(a DSN with a password in it, that password): the given one kept as it is (a server that asks for it, as
+    Debian's does by default), else a made-up one (the local server trusts loopback, so it still connects)."""
     parts = urlsplit(url)
+    if parts.password:
+        return url, unquote(parts.password)
     host = f"{parts.hostname}:{parts.port or 5432}" if parts.hostname else ""  # "" with a Unix socket in ?host=
     netloc = f"{parts.username or 'postgres'}:{DB_PASSWORD}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), DB_PASSWORD
 
 
 @pytest.fixture
@@ -102,7 +107,7 @@ def test_health_reports_every_documented_check_and_no_secret(
     start_daemon: Callable[[dict[str, str]], DaemonProcess],
 ) -> None:
     """A running daemon's health has every §9 field and check key, and no secret or URL is in health or metrics."""
-    dsn = with_password(database_url)
+    dsn, password = with_password(database_url)
     env = daemon_env(
         redis_url=redis_url, database_url=dsn, prefix=clean_prefix, scraper_url=scraper.url, SEATWATCH_CRON=CRON
     )
@@ -142,7 +147,7 @@ def test_health_reports_every_documented_check_and_no_secret(
         "SCRAPER_SECRET_TOKEN": SCRAPER_TOKEN,
         "RESEND_API_KEY": RESEND_KEY,
         "SUPABASE_SERVICE_ROLE_KEY": SIGNING_KEY,
-        "the database password": DB_PASSWORD,
+        "the database password": password,
         "DATABASE_URL": dsn,
         "DATABASE_URL without password": database_url,
         "REDIS_URL": redis_url,
@@ -438,3 +443,92 @@ async def test_malformed_clients_do_not_disturb_a_tick(
     assert response.json()["checks"]["queue"]["dead_letters"] == 0
     daemon.assert_running()
     assert "health listener: unexpected error" not in daemon.logs()
+
+
+async def _owe_one_email(database_url: str) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        await owed_emails(pool, 1)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.slow
+def test_a_file_transport_that_cannot_write_degrades_health_naming_the_path_and_warns_once(
+    tmp_path: Path, redis_url: str, database_url: str, clean_prefix: str, scraper: ScraperStub, daemons: Daemons
+) -> None:
+    """An outbox folder the daemon cannot write is the `email` check's error (with its path), not a Postgres outage."""
+    anyio.run(_owe_one_email, database_url)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the outbox's parent folder should be\n")
+    env = daemon_env(
+        redis_url=redis_url,
+        database_url=database_url,
+        prefix=clean_prefix,
+        scraper_url=scraper.url,
+        SEATWATCH_CRON=CRON,
+        SEATWATCH_EMAIL_TRANSPORT="file",
+        SEATWATCH_OUTBOX_DIR=str(blocker / "outbox"),
+    )
+    daemon = daemons.start(env, healthy=False)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            daemon.assert_running()
+            with contextlib.suppress(httpx.HTTPError):
+                code, body = daemon.health()
+                if body["checks"]["email"].get("error"):
+                    break
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.2)
+        assert code == 503, body
+        assert body["status"] == "degraded"
+        assert body["checks"]["email"]["status"] == "degraded"
+        assert str(blocker) in body["checks"]["email"]["error"]
+        assert body["checks"]["database"]["status"] == "healthy"
+
+        blocker.unlink()  # the operator fixes the folder: the same batch goes at its next retry
+        deadline = time.monotonic() + 40
+        while not list(tmp_path.glob("not-a-folder/outbox/*.eml")):
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.2)
+        eventually_healthy = daemon.wait_healthy(15)
+        assert eventually_healthy["checks"]["email"]["error"] is None
+        logs = daemon.logs()
+        warnings = [line for line in logs.splitlines() if line.startswith("<4>") and "transport" in line]
+        assert len(warnings) == 1, logs
+        assert str(blocker) in warnings[0]
+        assert "Postgres unavailable" not in logs
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+
+
+@pytest.mark.slow
+def test_while_waiting_for_postgres_at_start_health_and_status_say_which_store_is_missing(
+    redis_url: str, clean_prefix: str, scraper: ScraperStub, daemons: Daemons
+) -> None:
+    """Redis up, Postgres away at start: health has Redis healthy and Postgres unhealthy, and STATUS= says so."""
+    notify = NotifySocket()
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    env = daemon_env(
+        redis_url=redis_url, database_url=nowhere, prefix=clean_prefix, scraper_url=scraper.url, SEATWATCH_CRON=CRON
+    )
+    daemon = daemons.start(env, notify=notify)
+    try:
+        status = notify.wait_for("STATUS=starting: waiting for Postgres: ConnectionRefusedError (retry in 1s)", 30)
+        assert "READY=1" not in status
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                code, body = daemon.health()
+                if body["checks"]["redis"]["status"] == "healthy":
+                    break
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.1)
+        assert code == 500
+        assert body["starting"].startswith("waiting for Postgres: ConnectionRefusedError")
+        assert body["checks"]["database"]["status"] == "unhealthy"
+        assert body["checks"]["database"]["error"] == "ConnectionRefusedError"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+        notify.close()

@@ -221,6 +221,10 @@ def test_install_reinstall_upgrade_rollback_uninstall_purge(
     assert recorded_calls(root)[9:] == [["userdel", "seatwatch"]]
     assert not (root / "etc/seatwatch").exists()
     assert "seatwatch:" not in (root / "etc/passwd").read_text()
+    # What purge cannot remove is named: the deployment's Redis keys and its Postgres objects.
+    assert "Redis: every key under seatwatch: (queue, lock, breaker, usage, schedule)" in purged.stdout
+    assert "--scan --pattern 'seatwatch:*'" in purged.stdout
+    assert "Postgres: the seatwatch_* tables and functions" in purged.stdout
 
 
 def test_first_install_without_settings_switches_and_says_what_to_fill_in(tmp_path: Path, source: Path) -> None:
@@ -247,7 +251,10 @@ def test_first_install_without_settings_switches_and_says_what_to_fill_in(tmp_pa
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert env_file.read_text() == (source / "packaging/seatwatch.env").read_text()
     assert "database_url, redis_url, scraper_secret_token, resend_api_key, supabase_service_role_key" in result.stdout
-    assert "sudo /usr/local/bin/seatwatch check --env-file /etc/seatwatch/seatwatch.env" in result.stdout
+    assert (
+        "  2. seatwatch check      (reads /etc/seatwatch/seatwatch.env and /etc/seatwatch/credentials" in result.stdout
+    )
+    assert "sudo" not in result.stdout  # minimal Debian has none; the installer runs as root anyway
 
 
 def broken_python(folder: Path, *, sleep_s: float = 0) -> Path:

@@ -57,5 +57,13 @@ def test_exposure_score_is_at_most_1_5(unit: Path) -> None:
     match = re.search(r"Overall exposure level for seatwatch\.service: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+    # The unit's comment and the guide state the score measured here, the same number in both.
+    stated = {
+        "unit": re.search(r"rates this (\d+\.\d+)", (ROOT / "seatwatch.service").read_text()),
+        "guide": re.search(r"rates it (\d+\.\d+)", (ROOT / "docs" / "operations.md").read_text()),
+    }
+    for where, found in stated.items():
+        assert found, f"the {where} states no exposure score"
+        assert found.group(1) == match.group(1), f"the {where} says {found.group(1)}, measured {match.group(1)}"
     # Left out on purpose (wheels with JITs or callbacks may need W+X pages): still reported as not set.
     assert re.search(r"✗ MemoryDenyWriteExecute=", result.stdout), result.stdout

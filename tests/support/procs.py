@@ -240,10 +240,14 @@ class Daemons:
 
 
 def run_cli(*args: str, env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m daemon ARGS`` to completion, output captured."""
+    """``python -m daemon ARGS`` to completion, output captured.
+
+    The installed unit's files are looked for under a folder that does not exist unless ``env`` names one
+    (``SEATWATCH_INSTALL_ROOT``), so a host where seatwatch is installed does not change what a test sees.
+    """
     return subprocess.run(
         [sys.executable, "-m", "daemon", *args],
-        env=env,
+        env={"SEATWATCH_INSTALL_ROOT": "/nonexistent-seatwatch-install-root", **env},
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -11,8 +11,9 @@ import asyncpg
 
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect
+from tests.support.servers import local_postgres_url
 
-ADMIN_DSN: Final = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN: Final = os.environ.get("BENCH_DATABASE_URL") or local_postgres_url(os.environ)[0]
 
 
 async def migrated_database(prefix: str) -> str:

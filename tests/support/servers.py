@@ -14,7 +14,7 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -32,6 +32,20 @@ def _redis_answers(host: str, port: int) -> bool:
         sock.sendall(b"PING\r\n")
         return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     return False
+
+
+def local_postgres_url(env: dict[str, str] | os._Environ[str]) -> tuple[str, str]:
+    """The local server's DSN from the usual PG variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE),
+    defaults 127.0.0.1:5432, postgres, no password, postgres; and which variables were used. A password is
+    kept as given (Debian's default is scram-sha-256, as on the arm64 VPS), never replaced."""
+    used = [name for name in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE") if env.get(name)]
+    user = quote(env.get("PGUSER") or "postgres", safe="")
+    password = env.get("PGPASSWORD")
+    login = f"{user}:{quote(password, safe='')}" if password else user
+    host = env.get("PGHOST") or "127.0.0.1"
+    port = env.get("PGPORT") or "5432"
+    database = env.get("PGDATABASE") or "postgres"
+    return f"postgresql://{login}@{host}:{port}/{database}", ", ".join(used)
 
 
 class TestServers:
@@ -63,10 +77,12 @@ class TestServers:
         self.how.append(f"redis: {how}")
 
         env_db = os.environ.get("TEST_DATABASE_URL")
+        local, named = local_postgres_url(os.environ)
+        host, port = urlsplit(local).hostname or "127.0.0.1", urlsplit(local).port or 5432
         if env_db:
             self.database_url, how = env_db, "TEST_DATABASE_URL"
-        elif _answers("127.0.0.1", 5432):
-            self.database_url, how = "postgresql://postgres@127.0.0.1:5432/postgres", "local port 5432"
+        elif _answers(host, port):
+            self.database_url, how = local, f"local port {port}" + (f" ({named})" if named else "")
         else:
             pg = embedded.PostgresServer(self._work() / "postgres").start()
             self._stack.callback(pg.stop)

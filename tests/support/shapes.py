@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from daemon.commands.embedded import free_port
 
@@ -122,6 +122,7 @@ class PgBouncer:
         parts = urlsplit(database_url)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self.user = parts.username or "postgres"
+        self.password = unquote(parts.password) if parts.password else None  # a server that asks for one
         self.port = free_port()
         self.pool_size = pool_size
         self.dir = Path(tempfile.mkdtemp(prefix="sw-pgbouncer-"))
@@ -138,9 +139,10 @@ class PgBouncer:
         (self.dir / "users.txt").write_text("".join(f'"{u}" ""\n' for u in sorted(users)))
         host, port = self.upstream
         config = self.dir / "pgbouncer.ini"
+        login = f" user={self.user} password={self.password}" if self.password else ""
         config.write_text(
             f"""[databases]
-* = host={host} port={port}
+* = host={host} port={port}{login}
 
 [pgbouncer]
 listen_addr = 127.0.0.1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import string
 import zoneinfo
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import assume, given
@@ -22,9 +25,6 @@ from daemon.cron import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import redact_url
 from daemon.upstream.scraper import scrape_url
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 DB_PASSWORD = "pg-pass-5e1f"
 REDIS_PASSWORD = "redis-pass-77aa"
@@ -781,3 +781,33 @@ def test_email_quotas_and_retention() -> None:
     problems = problems_of(full_env(SEATWATCH_EMAIL_QUOTA_PER_DAY="-1", SEATWATCH_RETENTION="yes"))
     assert any("SEATWATCH_EMAIL_QUOTA_PER_DAY" in p for p in problems)
     assert any("SEATWATCH_RETENTION must be one of on, off" in p for p in problems)
+
+
+def test_supabase_pooler_dsns_as_the_readme_gives_them_parse() -> None:
+    """The README's session (5432) and transaction (6543) pooler DSNs with sslmode=require are valid settings."""
+    from daemon.store.pool import connect_options
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    dsns = re.findall(r"postgresql://postgres\.[^\s`]+", readme)
+    assert len(dsns) >= 2, "the README gives no Supabase pooler DSN"
+    ports = set()
+    for dsn in dsns:
+        settings = parse(full_env(DATABASE_URL=dsn))
+        options = connect_options(settings.database_url.reveal())
+        assert "sslmode=require" in options["dsn"]
+        ports.add(urlsplit(dsn).port)
+        if urlsplit(dsn).port == 6543:
+            assert options["statement_cache_size"] == 0
+    assert ports == {5432, 6543}
+
+
+def test_a_dsn_naming_supabases_ipv6_only_direct_host_is_warned_about() -> None:
+    """db.<ref>.supabase.co gets a warning that points at the pooler; the pooler and other hosts get none."""
+    from daemon.store.pool import dsn_warnings
+
+    (warning,) = dsn_warnings("postgresql://postgres:pw@db.abcdefghijkl.supabase.co:5432/postgres")
+    assert "IPv6" in warning
+    assert "pooler.supabase.com" in warning
+    assert "pw" not in warning
+    assert dsn_warnings("postgresql://postgres.abcdefghijkl:pw@aws-0-us-west-1.pooler.supabase.com:5432/postgres") == []
+    assert dsn_warnings("postgresql://postgres@127.0.0.1/postgres") == []

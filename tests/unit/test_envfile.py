@@ -62,3 +62,14 @@ def test_a_comment_line_may_continue_with_a_backslash() -> None:
     """A backslash at the end of a comment makes the next line part of the comment, as in systemd."""
     values, _ = envfile.parse("# comment \\\nHIDDEN=1\nSHOWN=2\n")
     assert values == {"SHOWN": "2"}
+
+
+def test_which_variables_name_settings() -> None:
+    """A setting, its NAME_FILE or any SEATWATCH_ variable names settings; CREDENTIALS_DIRECTORY and PATH do not."""
+    from daemon.service_env import names_settings
+
+    assert not names_settings({"PATH": "/usr/bin", "CREDENTIALS_DIRECTORY": "/run/credentials/x", "HOME": "/root"})
+    assert not names_settings({"SEATWATCH_INSTALL_ROOT": "/tmp/stage", "DATABASE_URL": " "})
+    assert names_settings({"DATABASE_URL": "postgresql://h/db"})
+    assert names_settings({"SCRAPER_SECRET_TOKEN_FILE": "/run/secret"})
+    assert names_settings({"SEATWATCH_CRON": "0 * * * *"})

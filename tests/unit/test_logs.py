@@ -281,3 +281,48 @@ def test_json_lines_are_bare_json_when_stdout_is_not_the_journal(
         logging.getLogger(LOGGER).warning("plain")
     (line,) = (tmp_path / "stdout").read_text().splitlines()
     assert json.loads(line)["priority"] == 4
+
+
+def test_asyncpg_pool_floor_noise_is_one_warning_per_outage(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's "Failed to restore the pool connection floor" is one warning line an outage, no traceback."""
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    journal = io.StringIO()
+    logs.configure(fmt="text", level="info", stream=journal)
+    pool_logger = logging.getLogger("asyncpg.pool")
+
+    def floor_failed() -> None:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        except ConnectionRefusedError:
+            pool_logger.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+
+    logs.postgres_back()
+    for _ in range(50):
+        floor_failed()
+    first = lines(journal)
+    assert len(first) == 1, first
+    assert first[0].startswith("<4>asyncpg.pool: Postgres: the pool cannot reopen its connections")
+    assert "ConnectionRefusedError" in first[0]
+    logs.postgres_back()  # the monitor's probe answered: the next outage is warned about again
+    floor_failed()
+    floor_failed()
+    assert len(lines(journal)) == 2
+
+
+def test_asyncpg_pool_floor_tracebacks_stay_at_debug(restore_logging: None) -> None:
+    """With SEATWATCH_LOG_LEVEL=debug the repeats and the traceback appear, at <7>."""
+    stream = io.StringIO()
+    logs.configure(level="debug", stream=stream)
+    logs.postgres_back()
+    for _ in range(3):
+        try:
+            raise ConnectionRefusedError(111, "refused")
+        except ConnectionRefusedError:
+            logging.getLogger("asyncpg.pool").warning(
+                "Failed to restore the pool connection floor; retrying", exc_info=True
+            )
+    out = lines(stream)
+    assert sum(line.startswith("<4>") for line in out) == 1
+    assert any(line.startswith("<7>") and "Traceback" in line for line in out)

@@ -252,3 +252,21 @@ def test_parse_timespan(text: str, seconds: float) -> None:
 def test_parse_timespan_none(text: str) -> None:
     """'infinity' and nonsense give None (no known stop timeout)."""
     assert parse_timespan_s(text) is None
+
+
+def test_a_unit_files_stop_timeout_is_read_as_systemd_reads_it(tmp_path: Path) -> None:
+    """TimeoutStopSec= (else TimeoutSec=, else 90 s) from [Service], last one winning, timespans and bare seconds."""
+    from daemon.runtime.systemd import unit_file_timeout_stop_s
+
+    unit = tmp_path / "x.service"
+    unit.write_text("[Unit]\nTimeoutStopSec=5\n[Service]\nTimeoutStopSec=30\nTimeoutStopSec=1min 30s\n")
+    assert unit_file_timeout_stop_s(unit) == 90
+    unit.write_text("[Service]\nTimeoutSec=45\n")
+    assert unit_file_timeout_stop_s(unit) == 45
+    unit.write_text("[Service]\nExecStart=/bin/true\n")
+    assert unit_file_timeout_stop_s(unit) == 90
+    unit.write_text("[Service]\nTimeoutStopSec=infinity\n")
+    assert unit_file_timeout_stop_s(unit) is None
+    assert unit_file_timeout_stop_s(tmp_path / "absent.service") is None
+    repo_unit = Path(__file__).resolve().parents[2] / "seatwatch.service"
+    assert unit_file_timeout_stop_s(repo_unit) == 90
