@@ -142,11 +142,12 @@ class TcpProxy:
         return socket.create_connection(self.target, timeout=5)
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        a.settimeout(None)
-        b.settimeout(None)
         seen: set[bytes] = set()  # the ``Cut.after`` patterns this client has sent
         drop_reply = False
         try:
+            # Inside the try: a cut() between accept and this thread's start has closed both sockets already.
+            a.settimeout(None)
+            b.settimeout(None)
             while True:
                 readable, _, _ = select.select([a, b], [], [], 0.5)
                 if self._stop.is_set():
