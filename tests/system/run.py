@@ -141,8 +141,8 @@ class Stores:
     """A scratch database (created empty: the unit's `run` applies the migrations) and a Redis prefix."""
 
     def __init__(self, tag: str) -> None:
-        self.database = f"seatwatch_system_{tag}_{secrets.token_hex(4)}"
-        self.prefix = f"swsys-{tag}-{secrets.token_hex(4)}"
+        self.database = f"seatwatch_system_{tag}_{os.getpid()}_{secrets.token_hex(4)}"
+        self.prefix = f"swsys-{tag}-{os.getpid()}-{secrets.token_hex(4)}"
         self.url = ADMIN_DSN.rsplit("/", 1)[0] + "/" + self.database
 
     def create(self) -> None:
@@ -157,6 +157,36 @@ class Stores:
                 keys = list(client.scan_iter(match=f"{self.prefix}:*", count=500))
                 for start in range(0, len(keys), 500):
                     client.delete(*keys[start : start + 500])
+            finally:
+                client.close()
+
+    @classmethod
+    def sweep(cls) -> None:
+        """Drop the databases and keys of runs killed before their clean-up (their process is gone)."""
+
+        def dead(pid: str) -> bool:
+            return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+        async def databases() -> list[str]:
+            conn = await asyncpg.connect(ADMIN_DSN, timeout=15)
+            try:
+                rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'seatwatch\\_system\\_%'")
+            finally:
+                await conn.close()
+            return [str(r["datname"]) for r in rows]
+
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            for name in asyncio.run(databases()):
+                if dead(name.split("_")[3] if name.count("_") >= 4 else ""):
+                    asyncio.run(cls._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                    say(f"     swept a leftover database: {name}")
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(REDIS_URL)
+            try:
+                for key in client.scan_iter(match="swsys-*", count=1000):
+                    parts = key.decode(errors="replace").split("-")
+                    if len(parts) >= 4 and dead(parts[2]):
+                        client.delete(key)
             finally:
                 client.close()
 
@@ -380,7 +410,7 @@ class Scenario:
             d.append(f"ready in {time.monotonic() - began:.1f} s; StatusText={state['StatusText']}")
             seccomp = self.m.run(["grep", "^Seccomp:", f"/proc/{state['MainPID']}/status"], check=False).stdout
             # 2 is a filter in force; qemu-user does not emulate seccomp, so SystemCallFilter= is not applied there.
-            d.append(f"main process {seccomp.strip() or 'Seccomp: ?'} (2: SystemCallFilter= in force)")
+            d.append(f"main process {' '.join(seccomp.split()) or 'Seccomp: ?'} (2: SystemCallFilter= in force)")
 
         with self.report.check(f"{self.m.arch}: health through the unit's listener") as d:
             body = until(self.healthy, 30 * self.slow, "health 'healthy'")
@@ -465,7 +495,8 @@ class Scenario:
             body = until(
                 lambda: (b := self.healthy()) and b.get("version") == self.first_version and b, 60, "the old version"
             )
-            d.append(f"back to {body['version']}; history {self.m.run(['cat', '/opt/seatwatch/history.json']).stdout}")
+            history = json.loads(self.m.run(["cat", "/opt/seatwatch/history.json"]).stdout)
+            d.append(f"back to {body['version']}; /opt/seatwatch/history.json: {json.dumps(history)}")
 
         with self.report.check(f"{self.m.arch}: drain on stop (exit 0, the job in flight finishes)") as d:
             until(self.running, 30, "running before")
@@ -595,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     say(f"system-test: {shlex.join(arches)} on a {native} host, checkout {REPO} at {head()}")
     sweep_runs()
+    Stores.sweep()
     try:
         for arch in arches:
             emulated = arch != native
