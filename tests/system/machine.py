@@ -10,6 +10,7 @@ by the next one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -115,7 +116,17 @@ def cache_key(arch: str, mirror: str) -> str:
 
 
 def cached_root(arch: str, timeout_s: float) -> tuple[Path, bool]:
-    """The prepared root for ``arch`` (built now when missing); whether it came from the cache."""
+    """The prepared root for ``arch`` (built now when missing); whether it came from the cache.
+
+    A lock per architecture: a second run waits for the first one's build instead of removing it.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f".{arch}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cached_root(arch, timeout_s)
+
+
+def _cached_root(arch: str, timeout_s: float) -> tuple[Path, bool]:
     mirror = debian_mirror()
     folder = CACHE / arch
     ready = folder / cache_key(arch, mirror)
