@@ -27,14 +27,14 @@ PURPOSE: Final = "adaptive"  # Redis commands of the take script (all-in: what i
 IDLE_FLOOR_PER_DAY: Final = 400.0  # SPEC §5: a waiting daemon's whole spend
 FIGURES_EVERY_S: Final = 600.0
 WARN_EVERY_S: Final = 3600.0
-# Until measured: one take call (about seven billed commands) per ~70 checks.
+# Until measured: one take call (six billed commands with what it runs) per ~60 checks.
 DEFAULT_COMMANDS_PER_CHECK: Final = 0.1
 # The pace runs 3 % under the budget, so jitter in when checks actually start (an event loop that is late,
 # two daemons' replies arriving at different moments) never pushes any one minute over it.
 PACE_MARGIN: Final = 0.97
-# Checks one take call aims to slot: a call costs about seven billed commands whatever its size, so ~100
-# checks a call is ~0.07 a check. The horizon is what that many take at this daemon's share of the pace.
-CHECKS_PER_CALL: Final = 100
+# Checks one take call aims to slot: a call costs six billed commands whatever its size, so ~150 checks a call
+# is 0.04 a check. The horizon is what that many take at this daemon's share of the pace, within the cap.
+CHECKS_PER_CALL: Final = 150
 HORIZON_CAP_S: Final = 120.0  # never hold slots further ahead (new hot sections wait at most this)
 
 

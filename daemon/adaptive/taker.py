@@ -298,6 +298,15 @@ class Taker:
         paced = math.ceil(self.replanner.rate_per_s * horizon_s) + 1
         return max(0, min(starts, paced) - self._waiting)
 
+    def _spacing_ms(self) -> int:
+        """Between two slots: the shared pace's spacing, or this daemon's scraper capacity's when that is wider
+        (slots closer than the scraper can start them would only queue at the gate and start late)."""
+        rate = self.replanner.rate_per_s
+        capacity = capacity_per_s(self.gate.limit)
+        if capacity is not None:
+            rate = min(rate, capacity)
+        return max(1, round(1000 / max(rate, 1e-6)))
+
     @property
     def _late_ms(self) -> int:
         return int(self.timing.margin_s * 1000)
@@ -339,7 +348,7 @@ class Taker:
             "outcomes": [list(o) for o in outcomes],
             "dues": [x.due_ms for x in leased],
             "horizon_ms": int(horizon_s * 1000),
-            "spacing_ms": max(1, round(1000 / max(self.replanner.rate_per_s, 1e-6))),
+            "spacing_ms": self._spacing_ms(),
         }
         # An uncertain failure drops these outcomes rather than risk applying them twice: a breaker count
         # lost is harmless, a trial slot frees itself by its TTL, and a failed check comes due again anyway.

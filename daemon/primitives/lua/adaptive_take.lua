@@ -6,7 +6,8 @@
 -- evenly spaced scrape slot per admitted section from the shared pace (a GCRA: one slot every spacing_ms
 -- across all daemons, never a burst; a section's slot is never before its due time, so two checks of one
 -- section stay its interval apart). Nothing here is per section: TIME once, the pace read and written once,
--- the breaker loaded once or twice, whatever the batch's size (about seven commands in all).
+-- the breaker loaded once (and saved once when outcomes came along), whatever the batch's size: six billed
+-- commands in all, the call included, in the steady state.
 --
 -- KEYS[1] pace (string: the next free slot, ms)   KEYS[2] breaker hash   KEYS[3] breaker trials
 -- ARGV[1] JSON {cfg, outcomes = [[kind, trial]], dues = [due_ms, ...] (the leased sections, best first),
@@ -24,8 +25,11 @@ local slots, trial_ids, retry_ms = {}, {}, 0
 local tat = now
 local n = #a.dues
 if n > 0 then
-    local admitted, trials
-    admitted, trials, retry_ms, b = breaker_allow(KEYS[2], KEYS[3], n, cfg, now)
+    -- Just recorded and CLOSED: breaker_allow would load it again only to admit all n (closed admits all).
+    local admitted, trials = n, {}
+    if b == nil or b.state ~= 'CLOSED' then
+        admitted, trials, retry_ms, b = breaker_allow(KEYS[2], KEYS[3], n, cfg, now)
+    end
     tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') or 0)
     local first = tat
     local horizon_end = now + a.horizon_ms
