@@ -64,7 +64,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S: Final = 900.0  # the longest the taker sleeps with nothing due (like the queue's idle block)
-HOLD_MS: Final = 60_000  # a lease being slotted is nobody else's for this long (a crash in between: due then)
+# A lease being slotted is nobody else's for this long (a crash in between: due again then). A take call slower
+# than this finds its sections no longer held at settling, and leaves them unchecked.
+HOLD_MS: Final = 10_000
 
 
 def make_limit(settings: Settings) -> Limit:
@@ -229,11 +231,12 @@ class Taker:
         if want <= 0:
             return max(0.05, horizon_s * 0.1)
         redis_now = self.redis_clock.now_ms()
+        held_until = redis_now + HOLD_MS
         leased = await q.lease(
-            self.pool, now_ms=redis_now, until_ms=redis_now + int(horizon_s * 1000), n=want, hold_ms=HOLD_MS
+            self.pool, now_ms=redis_now, until_ms=redis_now + int(horizon_s * 1000), n=want, held_until_ms=held_until
         )
         if not leased:
-            due_ms = await q.next_due_ms(self.pool)
+            due_ms = await q.next_due_ms(self.pool, now_ms=redis_now)
             if due_ms is None:
                 return IDLE_WAIT_S  # nothing planned: the planner pokes when that changes
             # Wake when the next section is due within the horizon; the planner pokes when sections join or
@@ -245,12 +248,12 @@ class Taker:
         except BaseException:
             # Released at once if Postgres lets us; else they come due again when the hold ends.
             with anyio.move_on_after(5, shield=True), contextlib.suppress(StoreUnavailable):
-                await q.settle(self.pool, leased, [-1] * len(leased), late_ms=self._late_ms)
+                await q.settle(self.pool, leased, [-1] * len(leased), late_ms=self._late_ms, held_until_ms=held_until)
             raise
         slots = [int(s) for s in reply["slots"]]
         trials = [str(t) for t in reply["trials"]]
         try:
-            await q.settle(self.pool, leased, slots, late_ms=self._late_ms)
+            settled = await q.settle(self.pool, leased, slots, late_ms=self._late_ms, held_until_ms=held_until)
         except StoreUnavailable:
             # The due times did not move: checking now could come within the minimum interval of a check
             # after the hold. The slots go unused; the trials free their places at once.
@@ -260,6 +263,11 @@ class Taker:
         now_ms = int(reply["now_ms"])
         for x, slot_ms, trial in zip(leased, slots, trials, strict=True):
             if slot_ms < 0:
+                continue
+            if (x.term, x.class_nbr) not in settled:
+                # The hold ran out before the slot was settled: another daemon may have this section now.
+                if trial:
+                    self._outcomes.append(("n", trial))
                 continue
             start_at = now + max(0, slot_ms - now_ms) / 1000
             self._last_start = max(self._last_start, start_at)

@@ -100,10 +100,13 @@ async def last_report(conn: asyncpg.Pool | asyncpg.Connection) -> dict[str, Any]
 
 
 async def lease(
-    conn: asyncpg.Pool | asyncpg.Connection, *, now_ms: int, until_ms: int, n: int, hold_ms: int
+    conn: asyncpg.Pool | asyncpg.Connection, *, now_ms: int, until_ms: int, n: int, held_until_ms: int
 ) -> list[Leased]:
-    """Up to ``n`` sections due by ``until_ms``, held for slotting, best first (due now by priority, then by due)."""
-    rows = await conn.fetch("SELECT * FROM seatwatch_adaptive_lease($1, $2, $3, $4)", now_ms, until_ms, n, hold_ms)
+    """Up to ``n`` sections due by ``until_ms``, held until ``held_until_ms`` for slotting, best first (due now
+    by priority, then by due)."""
+    rows = await conn.fetch(
+        "SELECT * FROM seatwatch_adaptive_lease($1, $2, $3, $4)", now_ms, until_ms, n, held_until_ms
+    )
     leased = [Leased(r["term"], r["class_nbr"], r["due_ms"], r["last_ms"], r["priority"]) for r in rows]
     # RETURNING keeps no order: the lease's own, again.
     leased.sort(
@@ -113,16 +116,24 @@ async def lease(
 
 
 async def settle(
-    conn: asyncpg.Pool | asyncpg.Connection, leased: Sequence[Leased], slots_ms: Sequence[int], *, late_ms: int
-) -> None:
-    """Each leased section with a slot (>= 0) due again one interval after it; the others released."""
-    await conn.execute(
-        "SELECT seatwatch_adaptive_settle($1, $2, $3, $4)",
+    conn: asyncpg.Pool | asyncpg.Connection,
+    leased: Sequence[Leased],
+    slots_ms: Sequence[int],
+    *,
+    late_ms: int,
+    held_until_ms: int,
+) -> set[tuple[str, str]]:
+    """Each leased section still held with a slot (>= 0) due again one interval after it, the others released;
+    the (term, class_nbr) settled with a slot: only those may be checked."""
+    rows = await conn.fetch(
+        "SELECT * FROM seatwatch_adaptive_settle($1, $2, $3, $4, $5)",
         [x.term for x in leased],
         [x.class_nbr for x in leased],
         list(slots_ms),
         late_ms,
+        held_until_ms,
     )
+    return {(r["term"], r["class_nbr"]) for r in rows}
 
 
 async def again(conn: asyncpg.Pool | asyncpg.Connection, sections: Sequence[Again]) -> None:
@@ -137,7 +148,10 @@ async def again(conn: asyncpg.Pool | asyncpg.Connection, sections: Sequence[Agai
     )
 
 
-async def next_due_ms(conn: asyncpg.Pool | asyncpg.Connection) -> int | None:
-    """The earliest due time of any section not being slotted (None: nothing planned)."""
-    value = await conn.fetchval("SELECT min(due_ms) FROM seatwatch_adaptive_plan")
+async def next_due_ms(conn: asyncpg.Pool | asyncpg.Connection, *, now_ms: int) -> int | None:
+    """The earliest due time of any section not being slotted now (None: nothing to wait for)."""
+    value = await conn.fetchval(
+        "SELECT min(due_ms) FROM seatwatch_adaptive_plan WHERE leased_until_ms IS NULL OR leased_until_ms < $1",
+        now_ms,
+    )
     return None if value is None else int(value)

@@ -97,9 +97,9 @@ $$;
 
 -- The taker's lease: up to p_n sections due by p_until_ms, the most valuable first (due now: priority
 -- first; then the earliest due), skipping rows another daemon is leasing at this moment. They are held for
--- p_hold_ms while their slots are reserved; seatwatch_adaptive_settle then moves their due times forward. A
--- daemon that dies in between leaves them due again when the hold ends.
-CREATE FUNCTION seatwatch_adaptive_lease(p_now_ms bigint, p_until_ms bigint, p_n integer, p_hold_ms bigint)
+-- p_held_until_ms while their slots are reserved; seatwatch_adaptive_settle then moves their due times
+-- forward. A daemon that dies in between leaves them due again when the hold ends.
+CREATE FUNCTION seatwatch_adaptive_lease(p_now_ms bigint, p_until_ms bigint, p_n integer, p_held_until_ms bigint)
 RETURNS TABLE (term text, class_nbr text, due_ms bigint, last_ms bigint, priority integer)
 LANGUAGE sql VOLATILE SET search_path = public AS $$
     WITH c AS (
@@ -112,28 +112,37 @@ LANGUAGE sql VOLATILE SET search_path = public AS $$
         LIMIT p_n
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE seatwatch_adaptive_plan p SET leased_until_ms = p_now_ms + p_hold_ms
+    UPDATE seatwatch_adaptive_plan p SET leased_until_ms = p_held_until_ms
     FROM c WHERE p.term = c.term AND p.class_nbr = c.class_nbr
     RETURNING p.term, p.class_nbr, p.due_ms, p.last_ms, p.priority;
 $$;
 
 -- The lease's second half: each section given a slot (slot >= 0) is due again at slot + interval + margin
 -- (so two checks of it, by any daemons, are never closer than its interval), and its scrape is counted in
--- its minute; a section given none (-1: the breaker or the horizon said no) is simply released.
-CREATE FUNCTION seatwatch_adaptive_settle(p_terms text[], p_nbrs text[], p_slots_ms bigint[], p_late_ms bigint)
-RETURNS void
+-- its minute; a section given none (-1: the breaker or the horizon said no) is simply released. Only rows
+-- still held by this lease (p_held_until_ms) are touched: a hold that ran out (a Redis call slower than the
+-- hold) may have let another daemon lease the section, and then this slot must not be used. Returns the
+-- sections settled with a slot: only those may be checked.
+CREATE FUNCTION seatwatch_adaptive_settle(p_terms text[], p_nbrs text[], p_slots_ms bigint[], p_late_ms bigint,
+                                          p_held_until_ms bigint)
+RETURNS TABLE (term text, class_nbr text)
 LANGUAGE plpgsql SET search_path = public AS $$
 BEGIN
-    UPDATE seatwatch_adaptive_plan p SET
-        due_ms = CASE WHEN u.slot_ms >= 0 THEN u.slot_ms + p.interval_ms + p_late_ms ELSE p.due_ms END,
-        last_ms = CASE WHEN u.slot_ms >= 0 THEN u.slot_ms ELSE p.last_ms END,
-        leased_until_ms = NULL
-    FROM unnest(p_terms, p_nbrs, p_slots_ms) AS u(term, class_nbr, slot_ms)
-    WHERE p.term = u.term AND p.class_nbr = u.class_nbr;
-    INSERT INTO seatwatch_adaptive_minutes AS m (minute, scrapes)
-    SELECT u.slot_ms / 60000, count(*)::integer FROM unnest(p_slots_ms) AS u(slot_ms)
-    WHERE u.slot_ms >= 0 GROUP BY 1
-    ON CONFLICT (minute) DO UPDATE SET scrapes = m.scrapes + excluded.scrapes;
+    RETURN QUERY
+    WITH settled AS (
+        UPDATE seatwatch_adaptive_plan p SET
+            due_ms = CASE WHEN u.slot_ms >= 0 THEN u.slot_ms + p.interval_ms + p_late_ms ELSE p.due_ms END,
+            last_ms = CASE WHEN u.slot_ms >= 0 THEN u.slot_ms ELSE p.last_ms END,
+            leased_until_ms = NULL
+        FROM unnest(p_terms, p_nbrs, p_slots_ms) AS u(term, class_nbr, slot_ms)
+        WHERE p.term = u.term AND p.class_nbr = u.class_nbr AND p.leased_until_ms = p_held_until_ms
+        RETURNING p.term, p.class_nbr, u.slot_ms
+    ), counted AS (
+        INSERT INTO seatwatch_adaptive_minutes AS m (minute, scrapes)
+        SELECT s.slot_ms / 60000, count(*)::integer FROM settled s WHERE s.slot_ms >= 0 GROUP BY 1
+        ON CONFLICT (minute) DO UPDATE SET scrapes = m.scrapes + excluded.scrapes
+    )
+    SELECT s.term, s.class_nbr FROM settled s WHERE s.slot_ms >= 0;
 END
 $$;
 
