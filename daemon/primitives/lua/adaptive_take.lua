@@ -11,7 +11,7 @@
 --
 -- KEYS[1] pace (string: the next free slot, ms)   KEYS[2] breaker hash   KEYS[3] breaker trials
 -- ARGV[1] JSON {cfg, outcomes = [[kind, trial]], dues = [due_ms, ...] (the leased sections, best first),
---               horizon_ms, spacing_ms}
+--               horizon_ms (from the pace's next free slot), spacing_ms}
 -- Reply: JSON (daemon.adaptive.taker.TakeReply) {now_ms, slots = [slot_ms or -1 (not this batch)],
 --        trials = [trial id or ''], retry_after_ms, tat_ms, breaker = {state, failures, retry_after_ms}}
 local now = now_ms()
@@ -32,7 +32,9 @@ if n > 0 then
     end
     tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0') or 0)
     local first = tat
-    local horizon_end = now + a.horizon_ms
+    -- The horizon counts from the pace's next free slot: with another daemon holding the next ones, this
+    -- batch follows them whole instead of getting the few slots left before now + horizon.
+    local horizon_end = tat + a.horizon_ms
     for i = 1, n do
         slots[i], trial_ids[i] = -1, ''
         if i <= admitted then
