@@ -214,7 +214,6 @@ class Taker:
 
     async def _round(self, checks: TaskGroup) -> float:
         """Take the next batch when the slots held are running out; return how long to wait after."""
-        now = self.clock()
         horizon_s = self._horizon_s()
         lead_s = max(0.2, 4 * self._take_rtt_s, 0.05 * horizon_s)
         await self._record_if_urgent()

@@ -149,9 +149,11 @@ async def again(conn: asyncpg.Pool | asyncpg.Connection, sections: Sequence[Agai
 
 
 async def next_due_ms(conn: asyncpg.Pool | asyncpg.Connection, *, now_ms: int) -> int | None:
-    """The earliest due time of any section not being slotted now (None: nothing to wait for)."""
+    """When the next section may be leased (None: nothing planned): the earliest due time, a section another
+    daemon is slotting now counted from the end of its hold (it is settled, and due later, or free again then)."""
     value = await conn.fetchval(
-        "SELECT min(due_ms) FROM seatwatch_adaptive_plan WHERE leased_until_ms IS NULL OR leased_until_ms < $1",
+        "SELECT min(CASE WHEN leased_until_ms >= $1 THEN GREATEST(due_ms, leased_until_ms) ELSE due_ms END) "
+        "FROM seatwatch_adaptive_plan",
         now_ms,
     )
     return None if value is None else int(value)
