@@ -574,3 +574,29 @@ async def test_failures_open_the_breaker_without_waiting_for_the_next_batch(worl
     # The threshold and a check or two that started while the outcome that opened it was on its way; without
     # early recording, the whole first batch (seventeen) would have run.
     assert d.figures.checks <= 4 + 2, d.figures.checks
+
+
+async def test_the_breaker_closes_again_through_half_open_trials(world: World) -> None:
+    """After the scraper recovers, the open breaker turns half-open, its trials (recorded as soon as they end)
+    close it, and checking goes on at the pace."""
+    failing_until = time.time() + 1.5
+
+    def seats(term: str, nbr: str, now: float) -> int:
+        if now < failing_until:
+            raise RuntimeError("scraper down")  # the stub drops the connection: a failed scrape
+        return 0
+
+    world.serve(slots=8, service_s=0.01, seats=seats)
+    nbrs = await world.watch(20)
+    d = await world.dispatcher(
+        **FAST,
+        SEATWATCH_SCRAPES_PER_HOUR=36000,
+        SEATWATCH_BREAKER_FAILURES=2,
+        SEATWATCH_BREAKER_RECOVERY_S=1,
+        SEATWATCH_BREAKER_SUCCESSES=2,
+        SEATWATCH_BREAKER_HALF_OPEN_MAX=2,
+    )
+    await run_for(6, d)
+    assert await d.redis.hget(Keys(world.prefix).breaker, "state") == "CLOSED"
+    recovered = [t for n in nbrs for t in world.scrapes(n) if t > failing_until + 1.5]
+    assert len(recovered) >= 15, len(recovered)
