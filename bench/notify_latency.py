@@ -18,8 +18,10 @@ Phases:
    `seatwatch tick --group ...` (cron expressions stop at minutes; the tick itself is the daemon's code).
 2. adaptive: one daemon, SEATWATCH_SCHEDULE=adaptive, SEATWATCH_CONCURRENCY=auto.
 3. two adaptive daemons on the same Redis, sharing every budget.
-4. Redis cost at one check per second (real time, no compression): billed commands per check by MONITOR on
-   the private redis-server and by the daemon's own count.
+4. Redis cost at one check per second (real time, no compression, the production intervals, 300 watched
+   sections over 4 minutes by default): billed commands per check by MONITOR on the private redis-server,
+   all-in (what scripts run included, as Upstash bills) and top-level side by side, and by the daemon's own
+   count (which should agree with MONITOR's all-in figure within 5%).
 
 Reported: open -> email accepted p50/p90, openings missed, scrapes in the busiest one-minute window against
 the budget, median wait inside the scraper for a slot, the shortest gap between two checks of one section.
@@ -313,40 +315,53 @@ def run_adaptive(a: Args, redis: RedisServer, work: Path, *, daemons: int, hours
         asyncio.run(drop_database(url))
 
 
-def run_cost(a: Args, redis: RedisServer, work: Path, window_s: float) -> dict[str, Any]:
-    """Real time: 1 check/s (SEATWATCH_SCRAPES_PER_HOUR=3600 binds), MONITOR against the daemon's count."""
-    cost = Args(**{**a.__dict__, "compress": 1.0, "service_s": 0.2, "hot": 120, "cold": 0})
+def run_cost(a: Args, redis: RedisServer, work: Path, window_s: float, hot: int, cold: int) -> dict[str, Any]:
+    """Real time, the production intervals: SEATWATCH_SCRAPES_PER_HOUR=3600 (one check a second binds),
+    ``hot`` + ``cold`` watched sections; MONITOR (all-in and top-level) against the daemon's own count."""
+    cost = Args(**{**a.__dict__, "compress": 1.0, "service_s": 0.2, "hot": hot, "cold": cold})
     phase = Phase(cost, redis, work, "cost", adaptive=True)
     url = asyncio.run(scratch_database(cost, 3600))
     monitor = Monitor(redis.port)
     try:
         phase.start(
             url,
-            SEATWATCH_MIN_CHECK_INTERVAL_S=60,
+            SEATWATCH_MIN_CHECK_INTERVAL_S=120,
             SEATWATCH_MAX_CHECK_INTERVAL_S=3600,
             SEATWATCH_SCRAPES_PER_HOUR=3600,
-            SEATWATCH_REDIS_BUDGET_PER_DAY=10**6,
+            SEATWATCH_REDIS_BUDGET_PER_DAY=16000,
         )
         phase.t0 = time.time()
         time.sleep(20)  # start-up (script loads, first plan) is not the steady state
 
-        def own_count() -> int:
+        def own_count() -> dict[str, int]:
             text = httpx.get(f"http://127.0.0.1:{phase.ports[0]}/metrics", timeout=5).text
-            return sum(int(float(v)) for v in re.findall(r"^seatwatch_redis_commands\{[^}]*\} (\S+)$", text, re.M))
+            return {
+                purpose: int(float(v))
+                for purpose, v in re.findall(r'^seatwatch_redis_commands\{purpose="([^"]*)"[^}]*\} (\S+)$', text, re.M)
+            }
 
         start, own_start = time.time(), own_count()
         time.sleep(window_s)
         end, own_end = time.time(), own_count()
         checks = sum(1 for s in phase.scraper.snapshot() if start <= s.arrived < end)
         seen = billable(monitor.commands(start, end))
+        top = billable(monitor.commands(start, end, top_level=True))
+        own = {k: own_end.get(k, 0) - own_start.get(k, 0) for k in own_end}
+        own_total = sum(own.values())
+        schedule = phase.health()["checks"].get("schedule") or {}
         return {
             "checks": checks,
+            "window_s": end - start,
             "checks_per_s": checks / (end - start),
             "monitor": seen,
-            "own": own_end - own_start,
+            "monitor_top_level": top,
+            "own": own_total,
+            "own_by_purpose": {k: v for k, v in sorted(own.items()) if v},
             "per_check_monitor": seen / max(1, checks),
-            "per_check_own": (own_end - own_start) / max(1, checks),
-            "by_command": dict(monitor.commands(start, end).most_common(6)),
+            "per_check_top_level": top / max(1, checks),
+            "per_check_own": own_total / max(1, checks),
+            "by_command": dict(monitor.commands(start, end).most_common(8)),
+            "schedule": schedule,
         }
     finally:
         monitor.close()
@@ -373,7 +388,9 @@ def main() -> None:
     parser.add_argument("--scrapes-per-hour", type=int, default=1500)
     parser.add_argument("--redis-per-day", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--cost-window-s", type=float, default=120)
+    parser.add_argument("--cost-window-s", type=float, default=240)
+    parser.add_argument("--cost-hot", type=int, default=150)
+    parser.add_argument("--cost-cold", type=int, default=150)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: cron,adaptive,two,cost")
     ns = parser.parse_args()
     a = Args(
@@ -404,7 +421,7 @@ def main() -> None:
             results["adaptive (auto)"] = run_adaptive(a, redis, work, daemons=1, hours=a.hours)
         if "two" not in skip:
             results["adaptive, 2 daemons"] = run_adaptive(a, redis, work, daemons=2, hours=a.hours)
-        cost = run_cost(a, redis, work, ns.cost_window_s) if "cost" not in skip else None
+        cost = run_cost(a, redis, work, ns.cost_window_s, ns.cost_hot, ns.cost_cold) if "cost" not in skip else None
     finally:
         redis.stop()
     budget_minute = a.scrapes_per_hour / 60
@@ -435,11 +452,23 @@ def main() -> None:
             f"checks={s.get('checks_here')} skipped late={s.get('skipped_late')} hot={s.get('hot')}"
         )
     if cost:
+        agree = abs(cost["own"] - cost["monitor"]) / max(1, cost["monitor"])
+        sched = cost["schedule"]
         print(
-            f"\nRedis at {cost['checks_per_s']:.2f} checks/s over {ns.cost_window_s:g}s: {cost['checks']} checks, "
-            f"MONITOR {cost['monitor']} billed commands ({cost['per_check_monitor']:.3f}/check), daemon's own "
-            f"count {cost['own']} ({cost['per_check_own']:.3f}/check); by command {cost['by_command']}"
+            f"\nRedis cost, real time: {ns.cost_hot + ns.cost_cold} watched ({ns.cost_hot} with someone waiting), "
+            f"SEATWATCH_SCRAPES_PER_HOUR=3600, intervals 120-3600 s, over {cost['window_s']:.0f}s: "
+            f"{cost['checks']} checks ({cost['checks_per_s']:.2f}/s), {sched.get('take_calls')} take calls in all"
         )
+        print("\n| billed commands | in the window | per check |")
+        print("|---|---|---|")
+        for label, total, per in (
+            ("all-in (MONITOR, what a script runs included)", cost["monitor"], cost["per_check_monitor"]),
+            ("top-level (MONITOR, script calls as one)", cost["monitor_top_level"], cost["per_check_top_level"]),
+            ("the daemon's own count (all-in)", cost["own"], cost["per_check_own"]),
+        ):
+            print(f"| {label} | {total} | {per:.3f} |")
+        print(f"\nown vs MONITOR: {agree:.1%} apart (target within 5%); own by purpose {cost['own_by_purpose']}")
+        print(f"by command (all-in): {cost['by_command']}")
     print(f"logs: {work}")
 
 

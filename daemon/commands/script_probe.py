@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from daemon.adaptive import AdaptiveKeys
+from daemon.adaptive.figures import AdaptiveKeys
 from daemon.jobs import Done
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
@@ -88,33 +88,16 @@ async def _run_each(settings: Settings, client: CountingRedis, keys: Keys, scrip
     await queue.requeue_dead([])
 
     await scripts.call("usage_flush", [keys.usage(utc_day(time.time()))], [60, "check", 1], client)
-    section = "0000-00000"
     a = AdaptiveKeys(keys)
-    adaptive = [a.due, a.interval, a.prio, a.last]
-    sync = {
-        "gen": "check",
-        "final": True,
-        "max_ms": 60_000,
-        "late_ms": 1_000,
-        "consumer": "seatwatch-check",
-        "daemon_ttl_ms": 10_000,
-        "sections": [[section, 60_000, 1, 0, 0]],
-        "report": {},
-    }
-    sync_keys = [*adaptive, a.gen, a.scrapes, a.report, a.daemons]
-    await scripts.call_json("adaptive_sync", sync_keys, [orjson.dumps(sync).decode()], client)
+    await scripts.call("adaptive_sync", a.old_layout, [], client)
     take = {
         "cfg": config.lua(),
-        "outcomes": [],
-        "retry": [],
-        "release": [],
-        "want": 1,
-        "horizon_ms": 0,
+        "outcomes": [["s", ""]],
+        "dues": [int(time.time() * 1000)],
+        "horizon_ms": 1_000,
         "spacing_ms": 1_000,
-        "late_ms": 1_000,
-        "max_ms": 60_000,
     }
-    take_keys = [*adaptive, a.pace, a.scrapes, a.breaker, a.breaker_trials]
+    take_keys = [a.pace, a.breaker, a.breaker_trials]
     await scripts.call_json("adaptive_take", take_keys, [orjson.dumps(take).decode()], client)
 
 

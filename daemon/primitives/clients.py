@@ -1,8 +1,10 @@
 """Redis clients that count their own commands, by purpose, the way Upstash bills them; the outage boundary.
 
-Upstash bills every top-level command (each command of a pipeline too; a script call as one) except a few
-connection-level ones. The daemon makes one counting client per purpose over a shared connection pool, so
-every command is attributed without context variables.
+Upstash bills every command it executes (each command of a pipeline too, and each command a script runs,
+besides the script call itself) except a few connection-level ones. Top-level commands are counted here;
+what a script runs inside Redis is added by ``Scripts.call`` from the count the script returns. The daemon
+makes one counting client per purpose over a shared connection pool, so every command is attributed without
+context variables.
 
 This is also where a Redis outage gets its name: a connection refused, reset or timed out leaves
 ``CountingRedis`` as ``errors.StoreUnavailable`` (the driver's error as its cause).

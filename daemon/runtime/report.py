@@ -246,8 +246,8 @@ def email_quota_view(
 
 def schedule_check(daemon: Daemon) -> dict[str, Any]:
     """SPEC §11's ``schedule`` check: adaptive figures, or cron's falling-behind report (from memory)."""
-    if daemon.dispatcher is not None:
-        return daemon.dispatcher.check()
+    if daemon.taker is not None:
+        return daemon.taker.check()
     if daemon.cron_watch is not None:
         return daemon.cron_watch.check()
     return {"status": "healthy", "mode": daemon.settings.schedule}

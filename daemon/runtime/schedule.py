@@ -8,17 +8,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from daemon import planner
-from daemon.adaptive import (
-    DEFAULT_COMMANDS_PER_CHECK,
-    FIGURES_EVERY_S,
-    IDLE_FLOOR_PER_DAY,
-    WARN_EVERY_S,
-    AdaptiveKeys,
-)
-from daemon.store import db
+from daemon.adaptive import plan as planner
+from daemon.adaptive.figures import DEFAULT_COMMANDS_PER_CHECK, IDLE_FLOOR_PER_DAY, WARN_EVERY_S
+from daemon.store import adaptive_queries, db
 
 if TYPE_CHECKING:
     import asyncpg
@@ -73,18 +65,30 @@ class CronWatch:
 async def schedule_status(
     settings: Settings, redis: CountingRedis, keys: Keys, conn: asyncpg.Connection | None
 ) -> dict[str, Any]:
-    """``status``'s ``schedule``: the adaptive figures the daemons last wrote (one command), and what adaptive
-    checking can reach for the sections watched now within the configured budgets, and which budget binds."""
+    """``status``'s ``schedule``: the adaptive figures as the daemons last planned them (Postgres, no Redis
+    command: ``redis`` and ``keys`` are unused since the plan moved), and what adaptive checking can reach for
+    the sections watched now within the configured budgets, and which budget binds."""
+    del redis, keys
     report: dict[str, Any] = {}
-    if settings.schedule == "adaptive":
-        raw = await redis.hget(AdaptiveKeys(keys).report, "json")
-        report = orjson.loads(raw) if raw else {}
+    if settings.schedule == "adaptive" and conn is not None:
+        report = await adaptive_queries.last_report(conn)
+        if report:
+            report.update(
+                await adaptive_queries.figures(
+                    conn,
+                    now_ms=int(time.time() * 1000),
+                    max_ms=int(report.get("max_ms") or settings.max_check_interval_s * 1000),
+                    late_ms=int(report.get("late_ms") or 0),
+                    daemon_ttl_ms=int(report.get("daemon_ttl_ms") or 3_600_000),
+                )
+            )
+            report["now_ms"] = int(time.time() * 1000)
     watched = hot = None
     if conn is not None:
         watched, hot = await db.adaptive_counts(conn)
     per_check = float(report.get("redis_commands_per_check") or DEFAULT_COMMANDS_PER_CHECK)
     capacity_h = report.get("capacity_per_hour")
-    floor = IDLE_FLOOR_PER_DAY * int(report.get("daemons") or 1) + 86400 / FIGURES_EVERY_S
+    floor = IDLE_FLOOR_PER_DAY * int(report.get("daemons") or 1)
     budgets = planner.Budgets(
         scrapes_per_s=settings.scrapes_per_hour / 3600,
         redis_per_s=planner.redis_checks_per_s(settings.redis_budget_per_day, floor, per_check),

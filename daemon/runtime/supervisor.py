@@ -23,9 +23,10 @@ import asyncpg
 import httpx
 import redis.exceptions
 
+from daemon.adaptive.gate import Gate, MeteredScraper
+from daemon.adaptive.taker import Taker, make_limit
 from daemon.backoff import Backoff
 from daemon.consumer import Consumer
-from daemon.dispatcher import Dispatcher, make_limit
 from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
 from daemon.outbox import OutboxSender
 from daemon.pipeline import Pipeline
@@ -41,7 +42,6 @@ from daemon.runtime.wiring import build_parts, make_transport
 from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
 from daemon.store.pool import DAEMON_POOL_SIZE, create_pool, dsn_warnings
-from daemon.upstream.gate import Gate, MeteredScraper
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper
 from daemon.version import version
@@ -79,7 +79,7 @@ class Daemon:
         self.consumer: Consumer | None = None
         self.scheduler: Scheduler | None = None
         self.outbox: OutboxSender | None = None
-        self.dispatcher: Dispatcher | None = None  # SEATWATCH_SCHEDULE=adaptive
+        self.taker: Taker | None = None  # SEATWATCH_SCHEDULE=adaptive
         self.cron_watch: CronWatch | None = None
         self.started_at = time.time()
         self._work_scope: anyio.CancelScope | None = None
@@ -249,7 +249,7 @@ class Daemon:
             progress=self.progress,
         )
         if adaptive:
-            self.dispatcher = Dispatcher(
+            self.taker = Taker(
                 settings=settings,
                 clients=parts.clients,
                 keys=parts.keys,
@@ -281,8 +281,8 @@ class Daemon:
                 self._work_scope.deadline = anyio.current_time() + settings.shutdown_grace_s
             async with anyio.create_task_group() as work:
                 work.start_soon(self._essential, "consumer", self.consumer.run)
-                if self.dispatcher is not None:
-                    work.start_soon(self._essential, "dispatcher", self.dispatcher.run)
+                if self.taker is not None:
+                    work.start_soon(self._essential, "taker", self.taker.run)
                 else:
                     work.start_soon(self._essential, "scheduler", self.scheduler.run)
                 work.start_soon(self._essential, "outbox", self.outbox.run)

@@ -1,7 +1,8 @@
-"""Redis's ``MONITOR`` on a raw connection, read by a thread: the top-level commands a server runs, timed.
+"""Redis's ``MONITOR`` on a raw connection, read by a thread: the commands a server runs, timed.
 
-Commands a Lua script runs inside the server (client ``lua``) are not top-level and are left out: Upstash bills
-a script call once. ``billable`` leaves out what Upstash does not bill either (``FREE_COMMANDS``).
+Upstash bills every command a Lua script runs (client ``lua`` in MONITOR) as well as the script call itself,
+so ``commands`` counts them by default (all-in, as billed); ``top_level=True`` gives the calls a client sent,
+for the side-by-side figure. ``billable`` leaves out what Upstash does not bill (``FREE_COMMANDS``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ LINE = re.compile(r'^\d+\.\d+ \[\d+ (?P<client>[^\]]+)\] "(?P<cmd>[^"]+)"')
 
 
 class Monitor:
-    """``MONITOR`` on its own connection; ``lines`` holds (arrival time, COMMAND) of each top-level command."""
+    """``MONITOR`` on its own connection; ``lines`` holds (arrival time, COMMAND, run by a script) of each."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.sendall(b"MONITOR\r\n")
-        self.lines: list[tuple[float, str]] = []
+        self.lines: list[tuple[float, str, bool]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -42,12 +43,17 @@ class Monitor:
             *complete, buffer = buffer.split(b"\r\n")
             for raw in complete:
                 match = LINE.match(raw.decode(errors="replace").lstrip("+"))
-                if match and match["client"] != "lua":
-                    self.lines.append((time.time(), match["cmd"].upper()))
+                if match:
+                    self.lines.append((time.time(), match["cmd"].upper(), match["client"] == "lua"))
 
-    def commands(self, since: float = 0.0, until: float = float("inf")) -> collections.Counter[str]:
-        """Commands seen between ``since`` and ``until`` (wall-clock seconds), by name."""
-        return collections.Counter(cmd for at, cmd in self.lines if since <= at < until)
+    def commands(
+        self, since: float = 0.0, until: float = float("inf"), *, top_level: bool = False
+    ) -> collections.Counter[str]:
+        """Commands seen between ``since`` and ``until`` (wall-clock seconds), by name; all-in unless
+        ``top_level`` (then those a script ran are left out)."""
+        return collections.Counter(
+            cmd for at, cmd, inner in self.lines if since <= at < until and not (top_level and inner)
+        )
 
     def close(self) -> None:
         self.stop.set()

@@ -93,6 +93,7 @@ async def clear(db: asyncpg.Pool | asyncpg.Connection) -> None:
         "TRUNCATE seatwatch_outbox, seatwatch_outbox_batches, seatwatch_outbox_suppressed, seatwatch_section_states, "
         "notifications_sent, class_watches, class_states, user_profiles, auth.users CASCADE"
     )
+    await db.execute("TRUNCATE seatwatch_adaptive_plan, seatwatch_adaptive_minutes, seatwatch_adaptive_daemons")
 
 
 async def watched(pool: asyncpg.Pool, class_nbrs: list[str], *, per_section: int = 1, term: str = "2261") -> list[str]:

@@ -8,7 +8,7 @@ import statistics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.limiter import AdaptiveLimit, FixedLimit, capacity_per_s
+from daemon.adaptive.limit import AdaptiveLimit, FixedLimit, capacity_per_s
 
 
 def simulate(limit: AdaptiveLimit, *, slots: int, service_s: float, duration_s: float) -> list[float]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import planner
-from daemon.planner import Budgets, Section, plan, project, redis_checks_per_s
+from daemon.adaptive import plan as planner
+from daemon.adaptive.plan import Budgets, Section, plan, project, redis_checks_per_s
 
 MIN_S, MAX_S = 120.0, 3600.0
 

@@ -1,9 +1,9 @@
-"""Adaptive checking's shared vocabulary (SPEC §11): its Redis keys, its timing, its budget constants and the
-figures that health, metrics and ``status`` read.
+"""Adaptive checking's shared vocabulary (SPEC §11): its Redis keys, its timing and clock, its budget constants
+and the figures that health, metrics and ``status`` read.
 
-The planning loop (``replanner.py``) writes the plan and the coverage figures; the taker (``dispatcher.py``)
-leases due sections and counts the checks. Both speak the names defined here, and neither holds the other's
-state.
+The planning loop (``replanner.py``) writes the plan to Postgres and keeps the coverage figures; the taker
+(``taker.py``) leases due sections and counts the checks. Both speak the names defined here, and neither
+holds the other's state.
 """
 
 from __future__ import annotations
@@ -11,38 +11,69 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from daemon import planner
-from daemon.limiter import AdaptiveLimit
+from daemon.adaptive import plan as planner
+from daemon.adaptive.limit import AdaptiveLimit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from daemon.adaptive.gate import Gate
     from daemon.config import Settings
     from daemon.keys import Keys
-    from daemon.upstream.gate import Gate
 
-PURPOSE: Final = "adaptive"  # Redis commands of the take script
-PLAN_PURPOSE: Final = "adaptive_plan"  # and of the planner's writes
-IDLE_FLOOR_PER_DAY: Final = 500.0  # SPEC §5: a waiting daemon's whole spend
+PURPOSE: Final = "adaptive"  # Redis commands of the take script (all-in: what it runs counted too)
+IDLE_FLOOR_PER_DAY: Final = 400.0  # SPEC §5: a waiting daemon's whole spend
 FIGURES_EVERY_S: Final = 600.0
 WARN_EVERY_S: Final = 3600.0
-DEFAULT_COMMANDS_PER_CHECK: Final = 0.25
+# Until measured: one take call (six billed commands with what it runs) per ~60 checks.
+DEFAULT_COMMANDS_PER_CHECK: Final = 0.1
 # The pace runs 3 % under the budget, so jitter in when checks actually start (an event loop that is late,
 # two daemons' replies arriving at different moments) never pushes any one minute over it.
 PACE_MARGIN: Final = 0.97
+# Checks one take call aims to slot: a call costs six billed commands whatever its size, so ~150 checks a call
+# is 0.04 a check. The horizon is what that many take at this daemon's share of the pace, within the cap.
+CHECKS_PER_CALL: Final = 150
+HORIZON_CAP_S: Final = 120.0  # never hold slots further ahead (new hot sections wait at most this)
+
+
+class Progress(Protocol):
+    """What the loops tell the watchdog (``runtime.systemd.Progress`` is one): when they will be back."""
+
+    def expect(self, loop: str, within_s: float) -> None:
+        """``loop`` promises to report again within ``within_s``."""
+
+    def done(self, loop: str) -> None:
+        """``loop`` ended on purpose."""
 
 
 class AdaptiveKeys:
-    """The adaptive schedule's keys, under the deployment's prefix."""
+    """The adaptive schedule's keys, under the deployment's prefix: the shared pace and the breaker's."""
 
     def __init__(self, keys: Keys) -> None:
         p = f"{keys.prefix}:adaptive"
-        self.due, self.interval, self.prio, self.last = f"{p}:due", f"{p}:interval", f"{p}:prio", f"{p}:last"
-        self.gen, self.pace, self.scrapes = f"{p}:gen", f"{p}:pace", f"{p}:scrapes"
-        self.report, self.daemons = f"{p}:report", f"{p}:daemons"
+        self.pace = f"{p}:slots"
         self.breaker, self.breaker_trials = keys.breaker, keys.breaker_trials
+        # Earlier versions kept the plan in Redis (billed per section); dropped at start (adaptive_sync).
+        self.old_layout = [f"{p}:{name}" for name in ("due", "interval", "prio", "last", "gen", "pace")] + [
+            f"{p}:{name}" for name in ("scrapes", "report", "daemons")
+        ]
+
+
+class RedisClock:
+    """Redis time in ms, estimated between take calls from the last reply (hosts may disagree; Redis is one)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0.0
+
+    def seen(self, redis_now_ms: int, rtt_s: float = 0.0) -> None:
+        """A reply said Redis time was ``redis_now_ms`` about half a round trip ago."""
+        self.offset_ms = redis_now_ms + rtt_s * 500 - time.time() * 1000
+
+    def now_ms(self) -> int:
+        """Redis time now, as estimated."""
+        return int(time.time() * 1000 + self.offset_ms)
 
 
 @dataclass(frozen=True)
@@ -57,6 +88,7 @@ class Timing:
     # Due times carry twice that: one for the lateness allowed, one for what the local check cannot see (the
     # take reply's way back, the request's way out to the scraper).
     margin_s: float
+    horizon_cap_s: float  # slots are reserved at most this far ahead
 
     @classmethod
     def from_settings(cls, settings: Settings, plan_every_s: float | None = None) -> Timing:
@@ -71,6 +103,8 @@ class Timing:
             figures_every_s=min(FIGURES_EVERY_S, max(plan_s, max_s / 6)),
             late_s=late_s,
             margin_s=2 * late_s,
+            # Never more than a minimum interval ahead: a hot section is leased again within its interval.
+            horizon_cap_s=max(0.5, min(HORIZON_CAP_S, min_s)),
         )
 
 
@@ -87,6 +121,7 @@ class Figures:
     synced_at: float | None = None
     checks: int = 0
     skipped: int = 0
+    takes: int = 0
     commands_per_check: float = DEFAULT_COMMANDS_PER_CHECK
     intervals_s: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
 
@@ -114,6 +149,7 @@ class Figures:
             "needed_checks_per_hour": round(plan.needed_per_s * 3600, 1) if plan else None,
             "scrapes_last_hour": self.scrapes_last_hour,
             "checks_here": self.checks,
+            "take_calls": self.takes,
             "skipped_late": self.skipped,
             "redis_commands_per_check": round(self.commands_per_check, 3),
             "projected_redis_day": round(

@@ -1,13 +1,14 @@
-"""Adaptive checking's planning loop (SPEC §11): Postgres in, the plan out to Redis.
+"""Adaptive checking's planning loop (SPEC §11): Postgres in, the plan out to Postgres.
 
 Every ``plan_every_s`` the replanner reads the watched sections (``seatwatch_adaptive_sections()``), plans an
-interval and a priority for each within the budgets (``planner.py``) and writes them with ``adaptive_sync``:
-one script call per 2,000 sections, and only when the plan changed or every ``figures_every_s`` for fresh
-coverage figures. The reply carries those figures (watched, covered, scrapes in the last hour, daemons
-sharing the schedule); they live in ``Figures``, in memory, so a health probe costs no Redis command.
+interval and a priority for each within the budgets (``plan.py``) and writes them with
+``seatwatch_adaptive_sync`` when the plan changed, or every ``figures_every_s`` for fresh coverage figures.
+No Redis command at all: Postgres bills no query, and the plan is per-section state. The sync's reply
+carries the figures (watched, covered, scrapes in the last hour, daemons sharing the schedule); they live in
+``Figures``, in memory, so a health probe costs nothing either.
 
 The budgets: the scrape budget, what the Redis day pays for (the daemons' idle floor set aside, at the
-commands per check this daemon measures), and the scraper's measured capacity.
+all-in commands per check this daemon measures), and the scraper's measured capacity.
 """
 
 from __future__ import annotations
@@ -17,27 +18,18 @@ import logging
 import math
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 
-from daemon import planner
-from daemon.adaptive import (
-    IDLE_FLOOR_PER_DAY,
-    PACE_MARGIN,
-    PLAN_PURPOSE,
-    PURPOSE,
-    WARN_EVERY_S,
-    Figures,
-    quantile,
-    round2,
-)
+from daemon.adaptive import plan as planner
+from daemon.adaptive.figures import IDLE_FLOOR_PER_DAY, PACE_MARGIN, PURPOSE, WARN_EVERY_S, quantile, round2
+from daemon.adaptive.limit import capacity_per_s
 from daemon.backoff import Backoff, Outage
 from daemon.errors import StoreUnavailable, error_name
 from daemon.jobs import usable_section
-from daemon.limiter import capacity_per_s
-from daemon.primitives.clients import REDIS_ERRORS
+from daemon.store import adaptive_queries as q
 from daemon.store import db
 
 if TYPE_CHECKING:
@@ -45,16 +37,12 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.adaptive import AdaptiveKeys, Timing
+    from daemon.adaptive.figures import Figures, Progress, RedisClock, Timing
+    from daemon.adaptive.gate import Gate
     from daemon.config import Settings
-    from daemon.primitives.clients import RedisClients
-    from daemon.primitives.scripts import Scripts
-    from daemon.runtime.systemd import Progress
-    from daemon.upstream.gate import Gate
+    from daemon.primitives.clients import Usage
 
 logger = logging.getLogger(__name__)
-
-SYNC_CHUNK: Final = 2000
 
 
 class Replanner:
@@ -68,25 +56,22 @@ class Replanner:
         self,
         *,
         settings: Settings,
-        clients: RedisClients,
-        keys: AdaptiveKeys,
-        scripts: Scripts,
+        usage: Usage,
         pool: asyncpg.Pool,
         gate: Gate,
         timing: Timing,
         figures: Figures,
+        clock: RedisClock,
         on_change: Callable[[], None],
         progress: Progress | None = None,
     ) -> None:
         self.settings = settings
-        self.redis = clients.client(PLAN_PURPOSE)
-        self.usage = clients.usage
-        self.keys = keys
-        self.scripts = scripts
+        self.usage = usage
         self.pool = pool
         self.gate = gate
         self.timing = timing
         self.figures = figures
+        self.clock = clock
         self.on_change = on_change
         self.progress = progress
         # The shared pace's rate (checks per second, every daemon together), for the taker.
@@ -94,17 +79,17 @@ class Replanner:
         self.planned = anyio.Event()
         self._synced_digest = b""
         self._last_warn = -math.inf
-        self._usage_mark = (0, 0)  # (adaptive commands, checks) at the last plan
+        self._usage_mark = (0, 0)  # (adaptive commands, checks) at the last measurement
 
     async def run(self, stopping: anyio.Event) -> None:
-        """Plan every ``plan_every_s`` until ``stopping``; an outage of Redis or Postgres is waited out."""
-        backoff = Backoff(1.0, 60.0, outage=Outage("adaptive planner: Redis or Postgres", logger))
+        """Plan every ``plan_every_s`` until ``stopping``; an outage of Postgres is waited out."""
+        backoff = Backoff(1.0, 60.0, outage=Outage("adaptive planner: Postgres", logger))
         while not stopping.is_set():
             if self.progress is not None:
                 self.progress.expect("planner", self.timing.plan_every_s + 120)
             try:
                 await self.plan_once()
-            except (StoreUnavailable, *REDIS_ERRORS) as exc:
+            except StoreUnavailable as exc:
                 await backoff.wait(error_name(exc), stopping)
                 continue
             backoff.succeeded()
@@ -133,24 +118,17 @@ class Replanner:
         plan = planner.plan(sections, self.budgets(), min_s=t.min_s, max_s=plan_max_s)
         plan = dataclasses.replace(plan, needed_per_s=len(sections) / t.max_s)  # against the promise itself
         self.rate_per_s = PACE_MARGIN * min(self.settings.scrapes_per_hour / 3600.0, self.budgets().redis_per_s)
-        payload = [
-            [
-                s.id,
-                int(plan.intervals_s[s.id] * 1000),
-                plan.priorities[s.id],
-                checked[s.id],
-                zlib.crc32(s.id.encode()) % max(1, int(min(plan.intervals_s[s.id], t.max_s) * 1000)),
-            ]
-            for s in sections
-        ]
-        digest = orjson.dumps(sorted((p[0], p[1], p[2]) for p in payload))
+        payload = []
+        for s in sections:
+            term, _, class_nbr = s.id.partition("-")
+            interval_ms = int(plan.intervals_s[s.id] * 1000)
+            jitter_ms = zlib.crc32(s.id.encode()) % max(1, int(min(plan.intervals_s[s.id], t.max_s) * 1000))
+            payload.append(q.Planned(term, class_nbr, interval_ms, plan.priorities[s.id], checked[s.id], jitter_ms))
+        digest = orjson.dumps(sorted((p.term, p.class_nbr, p.interval_ms, p.priority) for p in payload))
         stale = self.figures.synced_at is None or time.monotonic() - self.figures.synced_at >= t.figures_every_s
         changed = digest != self._synced_digest
-        synced = False
         if changed or stale:
-            if payload or self._synced_digest not in (b"", b"[]"):
-                await self._sync(payload, plan)
-                synced = True
+            await self._sync(payload, plan)
             self._synced_digest = digest
             self.figures.synced_at = time.monotonic()
         self.figures.plan = plan
@@ -159,61 +137,58 @@ class Replanner:
             self.planned.set()
         elif self.planned.is_set():
             self.planned = anyio.Event()  # nothing watched any more: the taker goes quiet
-        if not payload:
-            self.figures.watched = self.figures.covered = 0
-        if changed and synced:
+        if changed:
             self.on_change()  # new sections or intervals: the taker looks again now
         self._warn_if_behind()
         return plan
 
-    async def _sync(self, payload: list[list[Any]], plan: planner.Plan) -> None:
-        gen = f"{self.settings.consumer}:{time.time_ns()}"
-        chunks = [payload[i : i + SYNC_CHUNK] for i in range(0, len(payload), SYNC_CHUNK)] or [[]]
-        k, t = self.keys, self.timing
-        keys = [k.due, k.interval, k.prio, k.last, k.gen, k.scrapes, k.report, k.daemons]
-        reply: dict[str, Any] = {}
-        for i, chunk in enumerate(chunks):
-            final = i == len(chunks) - 1
-            args = {
-                "gen": gen,
-                "final": final,
-                "max_ms": int(t.max_s * 1000),
-                "late_ms": int(t.margin_s * 1000),
-                "consumer": self.settings.consumer,
-                "daemon_ttl_ms": int(3 * t.figures_every_s * 1000),
-                "sections": chunk,
-                "report": self._report_for_status(plan) if final else {},
-            }
-            reply = await self.scripts.call_json("adaptive_sync", keys, [orjson.dumps(args).decode()], self.redis)
-        logger.debug("adaptive sync: %d sections in %d calls", len(payload), len(chunks))
-        self.figures.watched = int(reply.get("watched", 0))
-        self.figures.covered = int(reply.get("covered", 0))
-        self.figures.scrapes_last_hour = int(reply.get("scrapes_last_hour", 0))
-        self.figures.daemons = max(1, int(reply.get("daemons", 1)))
+    async def _sync(self, payload: list[q.Planned], plan: planner.Plan) -> None:
+        t = self.timing
+        figures = await q.sync(
+            self.pool,
+            payload,
+            now_ms=self.clock.now_ms(),
+            late_ms=int(t.margin_s * 1000),
+            max_ms=int(t.max_s * 1000),
+            consumer=self.settings.consumer,
+            daemon_ttl_ms=self.daemon_ttl_ms,
+            report=self._report_for_status(plan),
+        )
+        logger.debug("adaptive sync: %d sections, %d left the plan", len(payload), figures.get("removed", 0))
+        self.figures.watched = int(figures.get("watched", 0))
+        self.figures.covered = int(figures.get("covered", 0))
+        self.figures.scrapes_last_hour = int(figures.get("scrapes_last_hour", 0))
+        self.figures.daemons = max(1, int(figures.get("daemons", 1)))
+
+    @property
+    def daemon_ttl_ms(self) -> int:
+        """A daemon that has not planned for this long no longer shares the schedule."""
+        return int(3 * self.timing.figures_every_s * 1000)
 
     def budgets(self) -> planner.Budgets:
         """Checks per second each budget allows, every daemon together, as measured now."""
-        floor = IDLE_FLOOR_PER_DAY * self.figures.daemons + 86400 / self.timing.figures_every_s
         return planner.Budgets(
             scrapes_per_s=self.settings.scrapes_per_hour / 3600.0,
             redis_per_s=planner.redis_checks_per_s(
-                self.settings.redis_budget_per_day, floor, self.figures.commands_per_check
+                self.settings.redis_budget_per_day,
+                IDLE_FLOOR_PER_DAY * self.figures.daemons,
+                self.figures.commands_per_check,
             ),
             capacity_per_s=capacity_per_s(self.gate.limit),
         )
 
     def _measure_cost(self) -> None:
-        """This daemon's adaptive commands per check since the last plan, smoothed."""
-        commands = self.usage.total[PURPOSE] + self.usage.total[PLAN_PURPOSE]
+        """This daemon's adaptive commands per check (all-in, as billed) since the last measurement, smoothed."""
+        commands = self.usage.total[PURPOSE]
         checks = self.figures.checks
         d_commands, d_checks = commands - self._usage_mark[0], checks - self._usage_mark[1]
-        if d_checks >= 20:
+        if d_checks >= 100 or (d_checks >= 20 and d_commands >= 20):
             measured = d_commands / d_checks
             self.figures.commands_per_check = 0.7 * self.figures.commands_per_check + 0.3 * measured
             self._usage_mark = (commands, checks)
 
     def _report_for_status(self, plan: planner.Plan) -> dict[str, Any]:
-        """What ``seatwatch status`` reads back from Redis (the daemons' last word on the schedule)."""
+        """What ``seatwatch status`` reads back from Postgres (the daemons' last word on the schedule)."""
         intervals = list(self.figures.intervals_s)
         return {
             "binding": plan.binding,
@@ -225,6 +200,9 @@ class Replanner:
             "interval_p95_s": round2(quantile(intervals, 0.95)),
             "capacity_per_hour": round2((self.budgets().capacity_per_s or 0) * 3600) or None,
             "redis_commands_per_check": round(self.figures.commands_per_check, 3),
+            "max_ms": int(self.timing.max_s * 1000),
+            "late_ms": int(self.timing.margin_s * 1000),
+            "daemon_ttl_ms": self.daemon_ttl_ms,
             "by": self.settings.consumer,
         }
 

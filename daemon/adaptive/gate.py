@@ -1,10 +1,10 @@
 """The in-flight gate in front of the scraper, and a scraper that feeds the limit its latency and errors.
 
-``Gate`` admits as many scrapes at once as its limit says now (fixed, or adaptive: ``limiter.py``).
+``Gate`` admits as many scrapes at once as its limit says now (fixed, or adaptive: ``limit.py``).
 ``MeteredScraper`` times every scrape and reports it to the limit: a 429, a 5xx (other than "not found")
 or a timeout is a drop, anything else a latency sample. With ``gate`` it also waits for a slot itself,
 which is how the cron mode's queue consumers use ``SEATWATCH_CONCURRENCY=auto``; adaptive checking holds
-the slot in the dispatcher instead, so it can skip a check that would start late.
+the slot in the taker instead, so it can skip a check that would start late.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from daemon.upstream.scraper import Scraper
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from daemon.adaptive.limit import Limit
     from daemon.detect import Observation
-    from daemon.limiter import Limit
 
 
 class Gate:

@@ -1,0 +1,69 @@
+"""The daemon's own Redis count is what Upstash bills: every command a script runs, not just the script call."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from daemon.errors import LockBusy
+from daemon.keys import Keys
+from daemon.primitives.clients import RedisClients
+from daemon.primitives.lock import CronLock
+from daemon.primitives.scripts import SCRIPTS, Scripts, source
+from tests.support.monitor import Monitor, billable
+from tests.support.shapes import RedisProc
+from tests.support.wait import eventually
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[RedisProc]:
+    """A redis-server nothing else talks to, so MONITOR sees only this test's commands."""
+    server = RedisProc().start()
+    yield server
+    server.stop()
+
+
+def test_every_script_is_wrapped_to_count_what_it_runs() -> None:
+    """Each script's text shadows ``redis`` with the counting table and returns ``{calls, reply}``."""
+    for name in SCRIPTS:
+        text = source(name)
+        assert text.startswith("local __redis, __calls = redis, 0\nlocal redis = setmetatable("), name
+        assert text.rstrip().endswith("return {__calls, __reply}"), name
+
+
+async def test_script_inner_commands_are_counted_as_billed(private_redis: RedisProc) -> None:
+    """Over a window of lock and script calls, the ledger equals MONITOR's all-in count (inner commands too)."""
+    clients = RedisClients(private_redis.url)
+    monitor = Monitor(private_redis.port)
+    try:
+        keys = Keys("billing")
+        startup = clients.client("startup")
+        scripts = Scripts(startup)
+        await scripts.load(startup)
+        lock = CronLock(clients.client("lock"), keys, scripts, ttl_s=60, holder="billing")
+        # The MONITOR thread reads behind the server: wait for a marker so nothing of the loading lands after start.
+        await clients.ping()
+        await eventually(lambda: any(cmd == "PING" for _, cmd, _ in monitor.lines), what="the marker PING")
+        before = sum(clients.usage.total.values())
+        start = time.time()
+        grant = await lock.acquire(slot="2026-12-04T20:00")
+        with pytest.raises(LockBusy):
+            await lock.acquire()
+        await lock.status()
+        assert await lock.release(grant, slot="2026-12-04T20:00", slot_outcome="done", tick="{}")
+        counted = sum(clients.usage.total.values()) - before
+        top_level_calls = 4
+        # What the server ran for these calls, inner commands included; the MONITOR thread may lag a little.
+        await eventually(lambda: billable(monitor.commands(start)) >= counted, what="MONITOR caught up", timeout_s=5)
+        seen = billable(monitor.commands(start))
+        assert counted == seen, (monitor.lines, dict(clients.usage.total))
+        assert counted > top_level_calls, "a script's inner commands went uncounted"
+        assert billable(monitor.commands(start, top_level=True)) == top_level_calls
+    finally:
+        monitor.close()
+        await clients.aclose()
