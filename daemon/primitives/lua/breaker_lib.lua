@@ -112,10 +112,16 @@ local function breaker_allow_loaded(kb, kt, b, n, cfg, now)
         redis.call('ZREMRANGEBYSCORE', kt, '-inf', now)
         local in_flight = redis.call('ZCARD', kt)
         admitted = math.max(0, math.min(n, cfg.half_open_max - in_flight))
-        for i = 1, admitted do
-            local id = redis.call('HINCRBY', kb, 'seq', 1)
-            redis.call('ZADD', kt, now + cfg.trial_ttl_ms, id)
-            trials[#trials + 1] = tostring(id)
+        if admitted > 0 then
+            -- One HINCRBY and one ZADD for all the trials (each command a script runs is billed).
+            local last = redis.call('HINCRBY', kb, 'seq', admitted)
+            local members = {}
+            for id = last - admitted + 1, last do
+                members[#members + 1] = now + cfg.trial_ttl_ms
+                members[#members + 1] = id
+                trials[#trials + 1] = tostring(id)
+            end
+            redis.call('ZADD', kt, unpack(members))
         end
         if admitted < n then
             -- Every trial slot is taken: look again when the earliest could have freed, at most in 5 s.
