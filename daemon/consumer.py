@@ -101,7 +101,7 @@ class Consumer:
         concurrency: int = 4,
         retry_base_s: float = 30.0,
         idle_block_s: float = 900.0,
-        idle_maintenance_s: float = 900.0,
+        idle_maintenance_s: float = 3600.0,
         settle_linger_s: float = 0.2,
         progress: Progress | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -288,6 +288,9 @@ class Consumer:
         (the breaker said no: no attempt spent). No await: once Redis admitted these sections they are
         started or handed back before anything can cancel us."""
         now = self.clock()
+        # Work is flowing: look for entries a dead daemon left within half the visibility timeout, not an
+        # idle period (each maintenance costs a few commands; idle, one an hour is enough).
+        self._maintain_soon(self.busy_maintenance_s)
         for entry_id, n in collections.Counter([j.entry_id for j in batch] + [m.entry_id for m in bad]).items():
             self.settlement.expect(entry_id, n)
         self.state.dead_lettered += len(bad)

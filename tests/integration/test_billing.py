@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from daemon.errors import LockBusy
+from daemon.jobs import Done, Job
 from daemon.keys import Keys
 from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
+from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import SCRIPTS, Scripts, source
 from tests.support.monitor import Monitor, billable
 from tests.support.shapes import RedisProc
@@ -64,6 +66,44 @@ async def test_script_inner_commands_are_counted_as_billed(private_redis: RedisP
         assert counted == seen, (monitor.lines, dict(clients.usage.total))
         assert counted > top_level_calls, "a script's inner commands went uncounted"
         assert billable(monitor.commands(start, top_level=True)) == top_level_calls
+    finally:
+        monitor.close()
+        await clients.aclose()
+
+
+async def test_queue_cycle_inner_commands_are_counted_as_billed(private_redis: RedisProc) -> None:
+    """Over a window of queue calls (enqueue, read, cycle with settlement and fetch, heartbeat, maintenance,
+    stats, dead-letter requeue), the ledger equals MONITOR's all-in count, the scripts' inner commands too."""
+    clients = RedisClients(private_redis.url)
+    monitor = Monitor(private_redis.port)
+    try:
+        keys = Keys("billing-queue")
+        startup = clients.client("startup")
+        scripts = Scripts(startup)
+        await scripts.load(startup)
+        queue = Queue(
+            clients.client("queue"), clients.client("queue", blocking=True), keys, scripts, consumer="c1", batch_size=3
+        )
+        await queue.ensure_group()
+        await clients.ping()
+        await eventually(lambda: any(cmd == "PING" for _, cmd, _ in monitor.lines), what="the marker PING")
+        before = sum(clients.usage.total.values())
+        start = time.time()
+        await queue.enqueue([("2261", str(10000 + n)) for n in range(5)])
+        read = [j for j in await queue.read(1, 0.1) if isinstance(j, Job)]
+        await queue.heartbeat([read[0].entry_id])
+        done = [Done(read[0], "ack"), Done(read[1], "retry", delay_s=30, attempts=1), Done(read[2], "dead", error="x")]
+        result = await queue.cycle([("s", ""), ("f", "")], done, [], fetch=1)
+        assert len(result.fetched) == 2
+        await queue.cycle([], [Done(j, "ack") for j in result.fetched], [])
+        await queue.maintain()
+        await queue.stats()
+        await queue.requeue_dead()
+        counted = sum(clients.usage.total.values()) - before
+        await eventually(lambda: billable(monitor.commands(start)) >= counted, what="MONITOR caught up", timeout_s=5)
+        seen = billable(monitor.commands(start))
+        assert counted == seen, (monitor.lines, dict(clients.usage.total))
+        assert counted > 2 * billable(monitor.commands(start, top_level=True)), "inner commands went uncounted"
     finally:
         monitor.close()
         await clients.aclose()

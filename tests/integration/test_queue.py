@@ -7,7 +7,6 @@ live in ``test_queue_processes.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,19 +15,20 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.consumer import Consumer, Handler, Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Done, Malformed
 from daemon.primitives import queue as queue_module
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.queue import Queue
+from tests.support.consuming import Recorder, consuming, drained, make_consumer, pending_count
 from tests.support.entries import MALFORMED, fields
 from tests.support.queued import delayed_sections, stream_sections
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Callable
 
+    from daemon.consumer import Ticket
     from daemon.keys import Keys
     from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
@@ -80,62 +80,8 @@ def make_queue(redis_clients: RedisClients, keys: Keys, scripts: Scripts) -> Cal
     return make
 
 
-def make_consumer(queue: Queue, handler: Handler, **overrides: Any) -> Consumer:
-    options: dict[str, Any] = {
-        "concurrency": 4,
-        "retry_base_s": 0.05,
-        "idle_block_s": 1.0,
-        "idle_maintenance_s": 1.0,
-        "settle_linger_s": 0.05,
-    }
-    options.update(overrides)
-    return Consumer(queue, handler, **options)
-
-
-@contextlib.asynccontextmanager
-async def consuming(*consumers: Consumer, stop_within_s: float = 15) -> AsyncIterator[anyio.Event]:
-    """Run the consumers until the block ends; then set ``stopping`` and wait for them to return."""
-    stopping = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        for consumer in consumers:
-            tg.start_soon(consumer.run, stopping)
-        try:
-            yield stopping
-        finally:
-            stopping.set()
-            tg.cancel_scope.deadline = anyio.current_time() + stop_within_s
-
-
-class Recorder:
-    """A handler that records (job id, attempt) and then does what ``behave`` says for that delivery."""
-
-    def __init__(self, behave: Callable[[Ticket], Awaitable[None]] | None = None) -> None:
-        self.started: list[tuple[str, int]] = []
-        self.done: list[tuple[str, int]] = []
-        self.finished: list[tuple[str, int]] = []  # returned or raised
-        self.tickets: list[Ticket] = []
-        self.behave = behave
-
-    async def __call__(self, ticket: Ticket) -> None:
-        self.started.append((ticket.job.id, ticket.job.attempt))
-        self.tickets.append(ticket)
-        try:
-            if self.behave is not None:
-                await self.behave(ticket)
-            ticket.success()
-            self.done.append((ticket.job.id, ticket.job.attempt))
-        finally:
-            self.finished.append((ticket.job.id, ticket.job.attempt))
-
-
-async def pending_count(r: aioredis.Redis, keys: Keys) -> int:
-    summary: Any = await r.xpending(keys.stream, keys.group)
-    return int(summary["pending"])
-
-
-async def drained(r: aioredis.Redis, keys: Keys) -> bool:
-    """Nothing left anywhere: stream, pending list, delayed set."""
-    return await r.xlen(keys.stream) == 0 and await pending_count(r, keys) == 0 and await r.zcard(keys.delayed) == 0
+async def queued_now(r: aioredis.Redis, keys: Keys, expected: set[str]) -> bool:
+    return {job for _eid, job, _a in await stream_sections(r, keys)} | set(await delayed_sections(r, keys)) == expected
 
 
 async def has_delayed(r: aioredis.Redis, keys: Keys, job: str) -> bool:
@@ -272,6 +218,54 @@ async def test_always_failing_job_is_dead_lettered_after_max_attempts(
     assert letters[0]["attempts"] == "3"
     assert letters[0]["error"] == expected
     assert await drained(r, queue.keys)
+
+
+async def test_a_failing_section_is_dead_lettered_alone_and_never_holds_back_its_batchmates(
+    make_queue: Callable[..., Queue], r: aioredis.Redis
+) -> None:
+    """In one batch entry, a section that keeps failing is retried and dead-lettered alone; its four
+    batchmates run once each and are acknowledged with the first settlement, before its retries end."""
+    queue = make_queue(max_attempts=3)
+    await queue.ensure_group()
+
+    async def section_3_fails(ticket: Ticket) -> None:
+        if ticket.job.id == job_id(3):
+            raise RetryableJobError("scraper 502", delay_s=0.5)
+
+    handler = Recorder(section_3_fails)
+    async with consuming(make_consumer(queue, handler)):
+        added = await queue.enqueue([section(n) for n in range(1, 6)])
+        assert added.entries == 1
+        await eventually(lambda: len(handler.done) == 4, what="the batchmates")
+        # The batch is settled: the batchmates are gone from Redis while section 3 waits for its retry.
+        await eventually(lambda: queued_now(r, queue.keys, {job_id(3)}), what="only the failing section to stay queued")
+        assert [run for run in handler.started if run[0] == job_id(3)] == [(job_id(3), 1)]
+        await eventually(lambda: r.xlen(queue.keys.dead_letters), what="the dead letter")
+        await anyio.sleep(0.3)
+    assert sorted(handler.done) == [(job_id(n), 1) for n in (1, 2, 4, 5)]
+    assert [run for run in handler.started if run[0] == job_id(3)] == [(job_id(3), a) for a in (1, 2, 3)]
+    letters = await dead_letters(r, queue.keys)
+    assert [(d["id"], d["attempts"]) for d in letters] == [(job_id(3), "3")]
+    assert await drained(r, queue.keys)
+
+
+async def test_a_malformed_section_in_a_batch_is_dead_lettered_alone(
+    make_queue: Callable[..., Queue], r: aioredis.Redis
+) -> None:
+    """A batch entry with one section that is not a job: that section becomes a dead letter, the others run."""
+    queue = make_queue()
+    await queue.ensure_group()
+    batch = json.dumps([["2261", "10001", 0], ["22 61", "10002", 0], ["2261", "10003", 0]])
+    await r.xadd(queue.keys.stream, {"batch": batch, "enqueued_ms": "1"})
+    handler = Recorder()
+    async with consuming(make_consumer(queue, handler)):
+        await eventually(lambda: len(handler.done) == 2, what="the two good sections")
+        await eventually(lambda: drained(r, queue.keys), what="the entry's settlement")
+    assert sorted(handler.done) == [(job_id(1), 1), (job_id(3), 1)]
+    letters = await dead_letters(r, queue.keys)
+    assert [(d["error"], json.loads(d["raw"])) for d in letters] == [
+        ("malformed entry: term or class_nbr is not printable ASCII", {"section": '["22 61","10002",0]'})
+    ]
 
 
 async def test_permanent_error_dead_letters_at_once(make_queue: Callable[..., Queue], r: aioredis.Redis) -> None:
