@@ -37,6 +37,7 @@ import json
 import pstats
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -628,6 +629,33 @@ def report(loads: list[LoadResult], idles: list[IdleResult]) -> None:
         print(f"  {what:<58}{value:>22}  {verdict(ok)}")
 
 
+def report_bullmq(server: RedisServer, cases: list[tuple[int, int]]) -> None:
+    """The same no-op loads through BullMQ on the same server, counted all-in (bench/bullmq/bench.mjs)."""
+    folder = Path(__file__).resolve().parent / "bullmq"
+    print()
+    print("BullMQ, same run, same server (no-op jobs, addBulk, removed on completion; MONITOR, all-in):")
+    if shutil.which("node") is None or not (folder / "node_modules" / "bullmq").is_dir():
+        print("  skipped: needs node and `npm install` in bench/bullmq")
+        return
+    for jobs, concurrency in cases:
+        out = subprocess.run(
+            ["node", str(folder / "bench.mjs"), server.url, str(jobs), str(concurrency)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if out.returncode != 0:
+            print(f"  c={concurrency}: failed: {out.stderr.strip()[-300:]}")
+            continue
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        rate = jobs / result["seconds"]
+        print(
+            f"  no-op c={concurrency:<3} {jobs} jobs in {result['seconds']:.1f} s ({rate:.0f} jobs/s):"
+            f" {result['all_in'] / jobs:.1f} commands per job all-in, {result['top_level'] / jobs:.2f} top-level"
+        )
+
+
 async def orchestrate(args: argparse.Namespace, workdir: Path) -> None:
     idle_s = args.idle_s if args.idle_s else (125.0 if args.quick else 240.0)
     cases = [
@@ -647,6 +675,7 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> None:
             loads.append(await measure_load(server, workdir, case, profile=args.profile))
         idles = await measure_idle(server, workdir, idle_s)
         report(loads, idles)
+        report_bullmq(server, [(c.jobs, c.concurrency) for c in cases if c.job_ms == 0])
     finally:
         server.stop()
 
