@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import SCRIPTS, Scripts, source
+from daemon.primitives.usage import UsageLedger
 from tests.support.monitor import Monitor, billable
 from tests.support.shapes import RedisProc
 from tests.support.wait import eventually
@@ -107,3 +109,34 @@ async def test_queue_cycle_inner_commands_are_counted_as_billed(private_redis: R
     finally:
         monitor.close()
         await clients.aclose()
+
+
+async def test_usage_flush_costs_one_command_and_today_sums_every_process(redis_url: str, keys: Keys) -> None:
+    """A ledger flush writes the day's totals with one HSET (and one EXPIRE the first time a day is written);
+    today() sums every process's fields by purpose, and equals what the processes counted, flushes included."""
+    processes = [RedisClients(redis_url), RedisClients(redis_url)]
+    try:
+        ledgers = []
+        for clients in processes:
+            scripts = Scripts(clients.client("startup"))
+            await scripts.load(clients.client("startup"))
+            ledgers.append(UsageLedger(clients, keys, scripts, time.time))
+        for ledger, clients in zip(ledgers, processes, strict=True):
+            await clients.client("queue").get(keys.stream)
+            before = clients.usage.total["usage"]
+            assert await ledger.flush()
+            assert clients.usage.total["usage"] - before == 2  # HSET and the day's EXPIRE
+            await clients.client("queue").get(keys.stream)
+            before = clients.usage.total["usage"]
+            assert await ledger.flush()
+            assert clients.usage.total["usage"] - before == 1  # HSET alone
+        today = await ledgers[0].today()
+        counted = collections.Counter[str]()
+        for clients in processes:
+            counted.update({p: n for p, n in clients.usage.total.items() if p != "admin"})
+        assert today == dict(counted)
+        # Nothing left to flush but today()'s own read (an admin command, counted after the flushes).
+        assert [dict(clients.usage.unflushed) for clients in processes] == [{"admin": 1}, {}]
+    finally:
+        for clients in processes:
+            await clients.aclose()
