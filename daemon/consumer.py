@@ -139,6 +139,7 @@ class Consumer:
         self._capacity = anyio.Event()  # set when a job finishes
         self._poke_maintainer = anyio.Event()
         self._maintain_at = 0.0  # clock time of the next maintenance
+        self._first_maintenance_s = self.busy_maintenance_s
         self._paused_until = 0.0  # breaker said wait
         self._reader_waiting_on_stream = False
         self._active_since_maintenance = False
@@ -151,6 +152,10 @@ class Consumer:
         resumed = await self._with_redis_retry(lambda: self.queue.maintain(resume=True), stopping)
         if resumed is not None:
             self._observe_stats(resumed)
+            if not (resumed.pending or resumed.waiting or resumed.delayed):
+                # That maintenance found the queue empty: the next is an idle period away (work arriving
+                # brings it forward).
+                self._first_maintenance_s = self.idle_maintenance_s
             if resumed.requeued or resumed.dead:
                 logger.info(
                     "resumed %d unacknowledged jobs of consumer %s (%d dead-lettered)",
@@ -429,7 +434,7 @@ class Consumer:
     async def _maintainer(self) -> None:
         """Promote due retries and requeue stale entries, as rarely as the queue's state allows."""
         backoff = Backoff(1.0, 30.0)
-        self._maintain_at = self.clock() + self.busy_maintenance_s
+        self._maintain_at = self.clock() + self._first_maintenance_s
         while True:
             self._poke_maintainer = anyio.Event()
             wait_s = self._maintain_at - self.clock()
