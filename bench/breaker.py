@@ -4,10 +4,11 @@ Run with ``.venv/bin/python bench/breaker.py``. For batch sizes 1, 4, 16 and 64 
 ``record([...n outcomes])`` rounds in two states (CLOSED, and HALF_OPEN with ``half_open_max`` = the batch so
 every call is a trial) and prints, per batch:
 
-- billed commands, as the daemon's own counter sees them (``RedisClients.usage``) and as MONITOR shows them
-  (top-level commands only; commands run inside a script appear in MONITOR as ``lua`` and are not billed);
+- billed commands, as the daemon's own counter sees them (``RedisClients.usage``: all-in, the commands the
+  script ran included, as Upstash bills them) and the top-level commands MONITOR shows (the script call;
+  what it runs appears in MONITOR as ``lua``);
 - Redis calls per allow and per record from ``INFO commandstats``, which counts the commands inside the
-  scripts too (what a self-hosted Redis spends; Upstash bills only the top-level call);
+  scripts too (the all-in count again, from the server's side);
 - mean latency of one ``allow`` and one ``record`` call, timed in a separate pass without MONITOR attached.
 """
 
@@ -212,7 +213,7 @@ def main() -> None:
         finally:
             server.stop()
     print(f"circuit breaker, private redis-server on loopback; {TIMED_ROUNDS} timed rounds, {COUNTED_ROUNDS} counted")
-    print("billed/call: the daemon's counter per allow or record call; MONITOR/call: top-level commands seen")
+    print("billed/call: the daemon's counter per allow or record call, all-in; MONITOR/call: top-level commands")
     print("calls: INFO commandstats per call, commands inside the script included; ms/item: (allow+record)/batch")
     print(table(rows))
 

@@ -6,7 +6,7 @@ In one process: the real Queue, Consumer, breaker and Pipeline against a private
 database on the local Postgres; the scraper is a loopback stub in another process that answers at once.
 Every section has one watcher and a legacy class_states row saying it is full, so the first pass finds every
 section opening (claims, rendering, outbox rows); the later passes find nothing changed (the common case).
-Reported per pass: sections/s, Redis commands per section (queue + breaker, top-level, by the daemon's own
+Reported per pass: sections/s, Redis commands per section (queue + breaker, all-in as Upstash bills: the daemon's own
 counter), Postgres statements per section (asyncpg's count on every pooled connection), emails queued.
 """
 

@@ -1,21 +1,25 @@
-"""The queue's runtime: one blocking reader feeding a bounded pool of workers, a settler and a maintainer.
+"""The queue's runtime: one reader feeding a bounded pool of workers from batch entries, a settler and a maintainer.
 
-It is built to be frugal, because production Redis bills every command:
+It is built to be frugal, because production Redis bills every command, those a script runs included:
 
 * Idle, the only traffic is one blocking ``XREADGROUP`` every ``idle_block_s`` and one maintenance call
   every ``idle_maintenance_s``: no polling loop, and nothing that grows with the concurrency.
-* Busy, one read takes as many entries as there are free slots, and one ``queue_cycle`` script call then
-  settles every job finished since the last call (acknowledge, retry, dead-letter), records their
-  breaker outcomes in order, and asks the breaker to admit the entries just read. The reader waits until
-  about half the slots are free before reading, so batches stay large: two commands per batch in all.
+* Busy, one stream entry carries a batch of sections. One ``queue_cycle`` call takes the next entry and
+  admits its sections through the breaker (one admission per batch); the workers draw from that batch, and
+  once it is nearly worked through the next call settles the finished entries (acknowledge, retries as one
+  delayed member, dead letters), records their breaker outcomes in order and takes the next entry. A
+  failure reaches the breaker at once (the settler's call); successes wait for their batch. If the breaker
+  opens meanwhile, the batch's sections not yet started are deferred without spending an attempt.
 
-Correctness does not lean on the batching: an entry is acknowledged only after its handler returned (its
-work committed), an unacknowledged entry is requeued by the maintenance of any daemon once it has been
-idle for the visibility timeout, and a restarted daemon requeues its own unacknowledged entries at once.
+Correctness does not lean on the batching: an entry is acknowledged only after every section's handler
+returned (its work committed) or was handed back; an entry held for long is kept with a heartbeat; an
+unacknowledged entry is requeued by the maintenance of any daemon once it has been idle for the visibility
+timeout, and a restarted daemon requeues its own unacknowledged entries at once.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -97,7 +101,7 @@ class Consumer:
         concurrency: int = 4,
         retry_base_s: float = 30.0,
         idle_block_s: float = 900.0,
-        idle_maintenance_s: float = 900.0,
+        idle_maintenance_s: float = 3600.0,
         settle_linger_s: float = 0.2,
         progress: Progress | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -128,9 +132,14 @@ class Consumer:
         )
 
         self._running = 0
+        self._backlog: collections.deque[Ticket] = collections.deque()  # admitted sections not yet started
+        self._jobs: TaskGroup | None = None
+        self._feeding = False
+        self._stopping: anyio.Event | None = None
         self._capacity = anyio.Event()  # set when a job finishes
         self._poke_maintainer = anyio.Event()
         self._maintain_at = 0.0  # clock time of the next maintenance
+        self._first_maintenance_s = self.busy_maintenance_s
         self._paused_until = 0.0  # breaker said wait
         self._reader_waiting_on_stream = False
         self._active_since_maintenance = False
@@ -143,6 +152,10 @@ class Consumer:
         resumed = await self._with_redis_retry(lambda: self.queue.maintain(resume=True), stopping)
         if resumed is not None:
             self._observe_stats(resumed)
+            if not (resumed.pending or resumed.waiting or resumed.delayed):
+                # That maintenance found the queue empty: the next is an idle period away (work arriving
+                # brings it forward).
+                self._first_maintenance_s = self.idle_maintenance_s
             if resumed.requeued or resumed.dead:
                 logger.info(
                     "resumed %d unacknowledged jobs of consumer %s (%d dead-lettered)",
@@ -152,12 +165,18 @@ class Consumer:
                 )
         try:
             async with anyio.create_task_group() as jobs:
+                self._jobs, self._stopping = jobs, stopping
                 async with anyio.create_task_group() as loops:
                     loops.start_soon(self._reader, jobs, stopping)
                     loops.start_soon(self.settlement.run, lambda: self._reader_waiting_on_stream)
                     loops.start_soon(self._maintainer)
                     await stopping.wait()
                     loops.cancel_scope.cancel()
+                # Admitted but never started: handed back without spending an attempt.
+                while self._backlog:
+                    ticket = self._backlog.popleft()
+                    self._running += 1
+                    self._settled(ticket, Done(ticket.job, "requeue", attempts=ticket.job.attempts))
                 if self.progress is not None:
                     self.progress.done("reader")
                     self.progress.done("maintainer")
@@ -201,12 +220,12 @@ class Consumer:
     # -- reader ------------------------------------------------------------------------------------------
 
     async def _reader(self, jobs: TaskGroup, stopping: anyio.Event) -> None:
-        """Feed the pool: one script call per batch while the stream has work, a blocking read when not.
+        """Feed the pool: one script call per batch entry while the stream has work, a blocking read when not.
 
-        While busy (the last batch filled every free slot, or finished jobs wait to be settled), one
-        queue_cycle call settles, takes up to the free slots' worth of entries and admits them. Only when
-        the stream runs dry does the reader block on XREADGROUP (minutes at a time), and the entries that
-        wake it are admitted with the next call: so an idle consumer costs one command per block period.
+        While busy (the last call found an entry, or finished entries wait to be settled), one queue_cycle
+        call settles, takes the next entry and admits its sections. Only when the stream runs dry does the
+        reader block on XREADGROUP (minutes at a time), and the entry that wakes it is admitted with the
+        next call: so an idle consumer costs one command per block period.
         """
         backoff = Backoff(1.0, 30.0)
         busy = True
@@ -225,23 +244,23 @@ class Consumer:
                 renew(pause_s)
                 await anyio.sleep(pause_s)
                 self._reader_waiting_on_stream = False
-            free = self.concurrency - self._running
             if busy or self.settlement.buffered:
                 renew(30)
-                fetch = 0 if stopping.is_set() else free
+                fetch = 0 if stopping.is_set() else 1
                 result = await self.settlement.cycle([], fetch=fetch, keep_trying=keep_trying, on_retry=renew)
                 if result is None:
                     continue
-                busy = fetch > 0 and len(result.fetched) + len(result.poisoned) >= fetch
-                if result.fetched or result.poisoned:
+                taken = len(result.fetched) + len(result.bad) + len(result.poisoned)
+                busy = fetch > 0 and taken > 0
+                if taken:
                     self._active_since_maintenance = True
-                    self._start(jobs, result.fetched, result, stopping)
+                    self._admit(result.fetched, result.bad, result, stopping)
                     continue
             self._reader_waiting_on_stream = True
             renew(self.idle_block_s)
             try:
                 with anyio.fail_after(self.idle_block_s + 30):
-                    entries = await self.queue.read(free, self.idle_block_s)
+                    entries = await self.queue.read(1, self.idle_block_s)
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 self._reader_waiting_on_stream = False
                 self._redis_down(exc)
@@ -254,46 +273,89 @@ class Consumer:
             backoff.reset()
             if not entries:
                 continue
-            # A full read suggests more is waiting: take the next batch with the settle call.
-            busy = len(entries) >= free
+            # An entry came: more may be waiting, to be taken with the settle call.
+            busy = True
             self._active_since_maintenance = True
             good = [e for e in entries if isinstance(e, Job)]
-            for bad in (e for e in entries if isinstance(e, Malformed)):
-                logger.error("entry %s dead-lettered: %s", bad.entry_id, bad.reason)
-                self.settlement.add(Done(bad, "poison", error=bad.reason))
-                self.state.dead_lettered += 1
+            bad = [e for e in entries if isinstance(e, Malformed)]
+            if not good:
+                # Nothing to admit: the entry (all of it not jobs) is settled with the next call.
+                self._admit([], bad, None, stopping)
+                continue
             result = await self.settlement.cycle(good, keep_trying=keep_trying, on_retry=renew)
             if result is not None:
-                self._start(jobs, good, result, stopping)
+                self._admit(good, bad, result, stopping)
 
-    def _start(self, jobs: TaskGroup, batch: Sequence[Job], result: CycleResult, stopping: anyio.Event) -> None:
-        """Start the admitted head of ``batch``; note a breaker deferral of the rest. No await: once Redis
-        admitted these jobs they are started (or handed back) before anything can cancel us."""
+    def _admit(
+        self, batch: Sequence[Job], bad: Sequence[Malformed], result: CycleResult | None, stopping: anyio.Event
+    ) -> None:
+        """Register the entries read, queue the admitted head of ``batch`` for the workers, defer the rest
+        (the breaker said no: no attempt spent). No await: once Redis admitted these sections they are
+        started or handed back before anything can cancel us."""
         now = self.clock()
-        for i, job in enumerate(batch[: result.admitted]):
+        # Work is flowing: look for entries a dead daemon left within half the visibility timeout, not an
+        # idle period (each maintenance costs a few commands; idle, one an hour is enough).
+        self._maintain_soon(self.busy_maintenance_s)
+        for entry_id, n in collections.Counter([j.entry_id for j in batch] + [m.entry_id for m in bad]).items():
+            self.settlement.expect(entry_id, n)
+        self.state.dead_lettered += len(bad)
+        self.settlement.bad_sections(bad)
+        admitted = result.admitted if result is not None else 0
+        for i, job in enumerate(batch[:admitted]):
+            assert result is not None
             ticket = Ticket(job, trial=result.trials[i] if i < len(result.trials) else "", read_at=now)
-            self._running += 1
-            self.state.running = self._running
             if stopping.is_set():
                 # Admitted as the stop came: hand it straight back, no attempt spent.
+                self._running += 1
                 self._settled(ticket, Done(job, "requeue", attempts=job.attempts))
             else:
-                jobs.start_soon(self._run, ticket)
-        if result.admitted < len(batch):
-            self.state.deferred += result.deferred
-            self._paused_until = self.clock() + max(0.1, result.retry_after_s)
+                self._backlog.append(ticket)
+        if result is not None and admitted < len(batch):
+            deferred = batch[admitted:]
+            delay_s = max(0.1, result.retry_after_s)
+            for job in deferred:
+                self.settlement.add(Done(job, "defer", delay_s=delay_s, attempts=job.attempts))
+            self.state.deferred += len(deferred)
+            self._paused_until = self.clock() + delay_s
             logger.info(
                 "breaker %s: %d jobs deferred for %.0fs without spending an attempt",
                 result.breaker.state,
-                result.deferred,
+                len(deferred),
                 result.retry_after_s,
             )
+        self._feed()
+
+    def _feed(self) -> None:
+        """Start queued sections while slots are free. A section admitted while the breaker was CLOSED that
+        it has since left (this daemon's failures, or another's, seen in a reply) is deferred instead."""
+        jobs = self._jobs
+        if jobs is None or self._feeding:
+            return
+        self._feeding = True
+        try:
+            self._feed_into(jobs)
+        finally:
+            self._feeding = False
+
+    def _feed_into(self, jobs: TaskGroup) -> None:
+        while self._backlog and self._running < self.concurrency:
+            ticket = self._backlog.popleft()
+            self._running += 1
+            self.state.running = self._running
+            breaker = self.state.breaker
+            if breaker is not None and breaker.state != "CLOSED" and not ticket.trial:
+                delay_s = max(0.1, breaker.retry_after_s)
+                self.state.deferred += 1
+                self._paused_until = max(self._paused_until, self.clock() + delay_s)
+                self._settled(ticket, Done(ticket.job, "defer", delay_s=delay_s, attempts=ticket.job.attempts))
+                continue
+            jobs.start_soon(self._run, ticket)
 
     async def _wait_for_capacity(self) -> None:
-        # Read when about half the slots are free (or all of them are): fewer, larger batches.
+        # Read when the batch in hand is started and about half the slots are free (or all of them are).
         while True:
             free = self.concurrency - self._running
-            if free >= self.refill_at or self._running == 0:
+            if not self._backlog and (free >= self.refill_at or self._running == 0):
                 return
             self._capacity = anyio.Event()
             await self._capacity.wait()
@@ -304,7 +366,6 @@ class Consumer:
         self.state.dead_lettered += len(result.poisoned)
         self.state.breaker = result.breaker
         self.state.breaker_at = self.clock()
-        self._observe_stats(result.stats)
         if result.next_due_in_s is not None:
             self._maintain_soon(result.next_due_in_s)
 
@@ -355,6 +416,8 @@ class Consumer:
         self.state.running = self._running
         self._capacity.set()
         self.settlement.add(done, read_at=ticket.read_at, outcome=outcome)
+        if self._stopping is None or not self._stopping.is_set():
+            self._feed()
 
     # -- maintenance -----------------------------------------------------------------------------------------
 
@@ -371,7 +434,7 @@ class Consumer:
     async def _maintainer(self) -> None:
         """Promote due retries and requeue stale entries, as rarely as the queue's state allows."""
         backoff = Backoff(1.0, 30.0)
-        self._maintain_at = self.clock() + self.busy_maintenance_s
+        self._maintain_at = self.clock() + self._first_maintenance_s
         while True:
             self._poke_maintainer = anyio.Event()
             wait_s = self._maintain_at - self.clock()

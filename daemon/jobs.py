@@ -1,5 +1,12 @@
 """What a job is: the stream entry's envelope, its parsing, and the settled outcome the queue script takes.
 
+One stream entry carries a batch of sections (field ``batch``: JSON ``[[term, class_nbr, attempts], ...]``,
+and ``enqueued_ms``), because every command Redis runs is billed and a command per section would cost more
+than the check; ``parse_stream_entry`` reads it into one ``Job`` per section (each naming its entry), and a
+section that is not a job into a ``Malformed`` of its own, so a bad section never takes its batchmates with
+it. An entry of the old layout (one section in the fields ``id``, ``term``, ``class_nbr``, ``attempts``,
+``enqueued_ms``) still reads as a batch of one, so work queued before an upgrade is finished.
+
 Pure domain, no I/O. The same rules run in Lua (``primitives/lua/queue_lib.lua``, ``q_not_a_job``) when the
 cycle script reads entries itself, so an entry fares the same whichever path takes it; the tests run one
 table of entries through both. The wire format between Python and Lua is named: ``JobWire`` and
@@ -53,6 +60,8 @@ NOT_PRINTABLE: Final = "malformed entry: term or class_nbr is not printable ASCI
 ID_MISMATCH: Final = "malformed entry: id does not match term and class_nbr"
 NOT_WHOLE: Final = "malformed entry: attempts or enqueued_ms is not a whole number"
 OUT_OF_RANGE: Final = "malformed entry: attempts or enqueued_ms out of range"
+NOT_A_BATCH: Final = "malformed entry: batch is not a list of sections"
+NOT_A_SECTION: Final = "malformed section: not [term, class_nbr, attempts]"
 
 
 def usable_section(term: str, class_nbr: str) -> bool:
@@ -89,6 +98,56 @@ def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, st
     return Job(eid, job_id, term.decode("ascii"), class_nbr.decode("ascii"), int(attempts), int(enqueued))
 
 
+def parse_stream_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, str]) -> list[Job | Malformed]:
+    """Every section of a stream entry (either layout) as a job, or why it is not one; never raises.
+
+    The same rules as ``q_sections`` and ``q_bad_section`` in queue_lib.lua, in the same order.
+    """
+    raw = {_bytes(k): _bytes(v) for k, v in fields.items()}
+    if b"batch" not in raw:
+        return [parse_entry(entry_id, fields)]
+    eid = _bytes(entry_id).decode("ascii", "replace")
+    enqueued = raw.get(b"enqueued_ms", b"0")
+    try:
+        batch = orjson.loads(raw[b"batch"])
+    except orjson.JSONDecodeError:
+        batch = None
+    if not isinstance(batch, list) or not batch or not _WHOLE.fullmatch(enqueued) or len(enqueued) > 16:
+        shown = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace") for k, v in raw.items()}
+        return [Malformed(eid, shown, NOT_A_BATCH)]
+    found: list[Job | Malformed] = []
+    for section in batch:
+        reason = _bad_section(section)
+        if reason is not None:
+            found.append(Malformed(eid, {"section": orjson.dumps(section).decode()}, reason))
+            continue
+        term, class_nbr, attempts = section
+        found.append(Job(eid, f"{term}-{class_nbr}", term, class_nbr, int(attempts), int(enqueued)))
+    return found
+
+
+def _bad_section(section: Any) -> str | None:
+    if (
+        not isinstance(section, list)
+        or len(section) < 3  # [term, class_nbr, attempts]
+        or not isinstance(section[0], str)
+        or not isinstance(section[1], str)
+        or isinstance(section[2], bool)
+        or not isinstance(section[2], int | float)
+    ):
+        return NOT_A_SECTION
+    if not (_PRINTABLE.fullmatch(section[0].encode()) and _PRINTABLE.fullmatch(section[1].encode())):
+        return NOT_PRINTABLE
+    if section[2] < 0 or section[2] > MAX_ATTEMPTS_FIELD or section[2] != int(section[2]):
+        return OUT_OF_RANGE
+    return None
+
+
+def batch_wire(sections: list[tuple[str, str, int]]) -> str:
+    """A batch entry's ``batch`` field (as queue_lib.lua's ``q_add`` writes it)."""
+    return orjson.dumps([list(s) for s in sections]).decode()
+
+
 Action = Literal["ack", "retry", "defer", "requeue", "dead", "poison"]
 """How a delivery was settled: ack (done), retry (spends an attempt), defer (spends none), requeue (back to the
 stream now, spends none: interrupted by shutdown), dead (dead-letter), poison (not a job: dead-letter as is)."""
@@ -106,7 +165,7 @@ class JobWire(TypedDict):
 
 
 class DoneWire(TypedDict):
-    """A settled delivery as ``queue_cycle`` takes it (``done`` in its payload)."""
+    """A settled delivery as ``queue_cycle`` takes it (a section in ``settle[].jobs`` of its payload)."""
 
     entry_id: str
     id: str
@@ -118,6 +177,13 @@ class DoneWire(TypedDict):
     enqueued_ms: int
     error: str
     raw: str  # a poison entry's fields as JSON, kept in its dead letter
+
+
+class EntryWire(TypedDict):
+    """A stream entry whose every section is settled, as ``queue_cycle`` takes it (``settle`` in its payload)."""
+
+    entry_id: str
+    jobs: list[DoneWire]
 
 
 def job_wire(job: Job) -> JobWire:
@@ -133,7 +199,7 @@ def job_wire(job: Job) -> JobWire:
 
 
 def job_from_wire(wire: dict[str, Any]) -> Job:
-    """A job the cycle script read and validated itself (``fetched`` in its reply)."""
+    """A section the cycle script read and validated itself (``fetched`` in its reply)."""
     return Job(
         str(wire["entry_id"]),
         str(wire["id"]),

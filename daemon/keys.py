@@ -20,7 +20,7 @@ class Keys:
     # -- queue ----------------------------------------------------------------------------------
     @property
     def stream(self) -> str:
-        """The stream of section jobs; it holds only waiting and in-flight entries (acked ones are deleted)."""
+        """The stream of batch entries (sections to check); only waiting and in-flight ones (acked are deleted)."""
         return self._k("queue")
 
     @property
@@ -30,17 +30,17 @@ class Keys:
 
     @property
     def jobs(self) -> str:
-        """Hash job id -> stream entry id (or ``z`` while delayed): the dedup index."""
+        """The old layout's dedup index (job id -> entry id); nothing writes it now, an upgrade may find it."""
         return self._k("queue", "jobs")
 
     @property
     def delayed(self) -> str:
-        """Sorted set job id -> due time in ms: retries and deferrals waiting their turn."""
+        """Sorted set of batches (JSON) -> due time in ms: retries and deferrals waiting their turn."""
         return self._k("queue", "delayed")
 
     @property
     def delayed_payloads(self) -> str:
-        """Hash job id -> payload of the delayed job."""
+        """The old layout's payloads of delayed jobs (job id -> JSON); promoted, then removed."""
         return self._k("queue", "delayed", "payloads")
 
     def cycle_reply(self, cycle_id: str) -> str:

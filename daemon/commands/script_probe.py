@@ -22,7 +22,6 @@ from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
-from daemon.primitives.usage import utc_day
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -87,7 +86,6 @@ async def _run_each(settings: Settings, client: CountingRedis, keys: Keys, scrip
     await queue.stats()
     await queue.requeue_dead([])
 
-    await scripts.call("usage_flush", [keys.usage(utc_day(time.time()))], [60, "check", 1], client)
     a = AdaptiveKeys(keys)
     await scripts.call("adaptive_sync", a.old_layout, [], client)
     take = {

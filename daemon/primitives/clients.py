@@ -46,6 +46,13 @@ class Usage:
         """A flush failed: keep the counts for the next one."""
         self.unflushed.update(counts)
 
+    def forget(self, purpose: str, n: int) -> None:
+        """Take back ``n`` commands counted in advance that the client counted again (or never sent)."""
+        self.total[purpose] -= n
+        self.unflushed[purpose] -= n
+        if self.unflushed[purpose] <= 0:
+            del self.unflushed[purpose]
+
 
 class CountingRedis(aioredis.Redis):
     """A redis-py asyncio client that adds every billable command it sends to ``usage`` under ``purpose``.

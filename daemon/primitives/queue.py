@@ -1,10 +1,14 @@
 """The section queue on a Redis Stream, as a Redis primitive: each method is one command (mostly one script).
 
-At-least-once, deduplicated, reclaimed, retried, dead-lettered. Enqueue is deduplicated by job id while the
-job waits, runs or waits for a retry; ``cycle`` settles finished jobs, records their breaker outcomes and
-admits new entries in one atomic script call; ``maintain`` promotes due retries and requeues entries nobody
-acknowledged within the visibility timeout. The runtime that drives it is ``daemon.consumer``; what a job is
-and how it travels to Lua is ``daemon.jobs``.
+At-least-once, deduplicated, reclaimed, retried, dead-lettered. Every command Redis runs is billed, those a
+script runs included (SPEC §5), so nothing costs a command per section: one stream entry carries a batch of
+up to ``batch_size`` sections, retries wait in the delayed set as one member per settled batch, and the
+dedup of waiting sections reads the stream and the delayed set whole (one command each) instead of keeping
+an index. Enqueue skips a section while it waits, runs or waits for a retry; ``cycle`` settles finished
+entries, records their breaker outcomes and admits new entries in one atomic script call; ``maintain``
+promotes due retries and requeues entries nobody acknowledged within the visibility timeout (a consumer
+working through a long batch keeps its entries with ``heartbeat``). The runtime that drives it is
+``daemon.consumer``; what a job is and how it travels to Lua is ``daemon.jobs``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import redis.exceptions
 
-from daemon.jobs import Done, Job, Malformed, job_from_wire, job_wire, parse_entry
+from daemon.jobs import Done, EntryWire, Job, Malformed, job_from_wire, job_wire, parse_stream_entry
 from daemon.primitives.breaker import BreakerConfig, BreakerState, trial_list
 
 if TYPE_CHECKING:
@@ -30,6 +34,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ENQUEUE_CHUNK: Final = 2000  # sections per enqueue script call (keeps each call's request small)
+# Sections per stream entry. A batch costs about ten commands to read, admit and settle, whatever its size,
+# so 200 brings a check under 0.1 commands; a consumer keeps a batch it is still working on with a
+# heartbeat, so a long one outlives the visibility timeout.
+BATCH_SIZE: Final = 200
 DEAD_LETTER_MAXLEN: Final = 10_000
 MAINTENANCE_BATCH: Final = 500
 
@@ -41,6 +49,7 @@ class EnqueueResult:
     added: int
     skipped: int
     fenced: bool = False
+    entries: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,17 +95,16 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class CycleResult:
-    """One ``queue_cycle`` reply: what was admitted, the breaker's state, the queue's figures."""
+    """One ``queue_cycle`` reply: what was admitted and the breaker's state (no queue figures: each costs)."""
 
     admitted: int
     trials: list[str]
     retry_after_s: float
-    deferred: int
-    fetched: list[Job]  # entries the script read itself (``fetch``); the first ``admitted`` may run
+    fetched: list[Job]  # sections the script read itself (``fetch``); the first ``admitted`` may run
+    bad: list[Malformed]  # sections of fetched batches that are not jobs: the caller settles them as poison
     poisoned: list[tuple[str, str]]  # (entry id, reason) of fetched entries that were not jobs: now dead letters
     breaker: BreakerState
-    next_due_in_s: float | None  # until the earliest delayed job is due, from Redis time
-    stats: QueueStats  # the queue's figures right after this cycle
+    next_due_in_s: float | None  # until the earliest retry this call delayed is due, from Redis time
 
 
 def _due_in(reply: dict[str, Any], key: str = "next_due_ms") -> float | None:
@@ -120,6 +128,7 @@ class Queue:
         visibility_timeout_s: float = 300,
         max_attempts: int = 3,
         breaker: BreakerConfig | None = None,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self.redis = redis
         self.blocking = blocking
@@ -129,6 +138,7 @@ class Queue:
         self.visibility_timeout_s = visibility_timeout_s
         self.max_attempts = max_attempts
         self.breaker = breaker or BreakerConfig(trial_ttl_s=visibility_timeout_s)
+        self.batch_size = batch_size
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing (one command)."""
@@ -139,29 +149,31 @@ class Queue:
                 raise
 
     async def enqueue(self, sections: Iterable[tuple[str, str]], *, fence: int | None = None) -> EnqueueResult:
-        """Add (term, class_nbr) jobs unless already waiting, running or delayed; one call per 2,000.
+        """Add (term, class_nbr) jobs unless already waiting, running or delayed, ``batch_size`` to an entry;
+        one call per 2,000 sections.
 
         With ``fence``, nothing is added once the cron lock has been granted to someone else since.
         """
-        added = skipped = 0
+        added = skipped = entries = 0
         flat: list[str] = []
         items = list(sections)
         for start in range(0, len(items), ENQUEUE_CHUNK):
             flat = [value for pair in items[start : start + ENQUEUE_CHUNK] for value in pair]
             reply = await self.scripts.call_json(
                 "queue_enqueue",
-                [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.lock_meta],
-                ["" if fence is None else str(fence), *flat],
+                [self.keys.stream, self.keys.delayed, self.keys.lock_meta],
+                ["" if fence is None else str(fence), self.batch_size, *flat],
                 self.redis,
             )
             if reply.get("fenced"):
-                return EnqueueResult(added, skipped, fenced=True)
+                return EnqueueResult(added, skipped, fenced=True, entries=entries)
             added += int(reply["added"])
             skipped += int(reply["skipped"])
-        return EnqueueResult(added, skipped)
+            entries += int(reply["entries"])
+        return EnqueueResult(added, skipped, entries=entries)
 
     async def read(self, count: int, block_s: float) -> list[Job | Malformed]:
-        """Up to ``count`` new entries for this consumer, blocking up to ``block_s`` for the first."""
+        """The sections of up to ``count`` new entries for this consumer, blocking up to ``block_s`` for the first."""
         try:
             reply = await self.blocking.xreadgroup(
                 self.keys.group,
@@ -181,7 +193,7 @@ class Queue:
         streams: Any = reply or []  # RESP2: [[stream, [(id, fields), ...]], ...]
         for _stream, entries in streams:
             for entry_id, fields in entries:
-                found.append(parse_entry(entry_id, dict(fields or {})))
+                found.extend(parse_stream_entry(entry_id, dict(fields or {})))
         return found
 
     async def cycle(
@@ -194,19 +206,25 @@ class Queue:
         cycle_id: str | None = None,
         forget: str | None = None,
     ) -> CycleResult:
-        """Settle ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
+        """Settle the entries of ``done``, record ``outcomes`` in order, and admit ``read``; one script call.
 
+        ``done`` must hold every section of each entry it names (the consumer sends an entry once all its
+        sections are done): the entry is acknowledged and deleted, its retries delayed as one member.
         With no ``read`` and ``fetch`` > 0 the script itself takes up to ``fetch`` new entries (without
-        blocking) and admits those: when the stream has work, a batch costs this one command in all.
+        blocking) and admits their sections: when the stream has work, a batch costs this one call in all.
 
         Calls with the same ``cycle_id`` within ten minutes get the first call's reply and change nothing.
         ``forget`` names an earlier cycle whose reply is no longer needed, so the cache holds one per consumer.
         """
         cfg = {**self.breaker.lua(), "dlq_maxlen": DEAD_LETTER_MAXLEN}
+        settle: dict[str, EntryWire] = {}
+        for d in done:
+            eid = d.job.entry_id
+            settle.setdefault(eid, {"entry_id": eid, "jobs": []})["jobs"].append(d.wire())
         payload = {
             "cfg": cfg,
             "outcomes": [list(o) for o in outcomes],
-            "done": [d.wire() for d in done],
+            "settle": list(settle.values()),
             "read": [job_wire(j) for j in read],
             "fetch": fetch,
         }
@@ -214,9 +232,7 @@ class Queue:
             "queue_cycle",
             [
                 self.keys.stream,
-                self.keys.jobs,
                 self.keys.delayed,
-                self.keys.delayed_payloads,
                 self.keys.dead_letters,
                 self.keys.breaker,
                 self.keys.breaker_trials,
@@ -227,19 +243,26 @@ class Queue:
             self.redis,
         )
         view = reply["breaker"]
-        fetched, poisoned = reply.get("fetched"), reply.get("poisoned")
+        fetched, bad, poisoned = reply.get("fetched"), reply.get("bad"), reply.get("poisoned")
         return CycleResult(
             admitted=int(reply["admitted"]),
             trials=trial_list(reply["trials"]),
             retry_after_s=int(reply["retry_after_ms"]) / 1000,
-            deferred=int(reply["deferred"]),
             # cjson encodes an empty table as an object: only a list holds entries.
             fetched=[job_from_wire(e) for e in fetched] if isinstance(fetched, list) else [],
+            bad=[Malformed(str(b["entry_id"]), {"section": str(b["raw"])}, str(b["reason"])) for b in bad]
+            if isinstance(bad, list)
+            else [],
             poisoned=[(str(p["entry_id"]), str(p["reason"])) for p in poisoned] if isinstance(poisoned, list) else [],
             breaker=BreakerState.from_lua(view),
             next_due_in_s=_due_in({"next_due_ms": reply["next_due_ms"], "now_ms": view["now_ms"]}),
-            stats=QueueStats.from_lua(reply),
         )
+
+    async def heartbeat(self, entry_ids: Sequence[str]) -> None:
+        """Keep entries this consumer is still working on from being taken over: one XCLAIM resets their
+        idle time (JUSTID: no delivery counted, nothing read)."""
+        if entry_ids:
+            await self.redis.xclaim(self.keys.stream, self.keys.group, self.consumer, 0, list(entry_ids), justid=True)
 
     async def maintain(self, *, resume: bool = False) -> QueueStats:
         """Promote due delayed jobs and requeue stale entries; one script call.
@@ -249,13 +272,7 @@ class Queue:
         """
         reply = await self.scripts.call_json(
             "queue_maintain",
-            [
-                self.keys.stream,
-                self.keys.jobs,
-                self.keys.delayed,
-                self.keys.delayed_payloads,
-                self.keys.dead_letters,
-            ],
+            [self.keys.stream, self.keys.delayed, self.keys.delayed_payloads, self.keys.dead_letters],
             [
                 self.keys.group,
                 self.consumer if resume else "",
@@ -269,7 +286,7 @@ class Queue:
         return QueueStats.from_lua(reply)
 
     async def stats(self) -> QueueStats:
-        """Queue figures without changing anything (for status); one script call."""
+        """Queue figures, in sections, without changing anything (for status); one script call."""
         reply = await self.scripts.call_json(
             "queue_stats",
             [self.keys.stream, self.keys.delayed, self.keys.dead_letters],
@@ -293,8 +310,8 @@ class Queue:
         """Put dead letters (all, or these ids) back on the queue with fresh attempts; one call."""
         reply = await self.scripts.call_json(
             "dlq_requeue",
-            [self.keys.stream, self.keys.jobs, self.keys.delayed, self.keys.dead_letters],
-            list(entry_ids),
+            [self.keys.stream, self.keys.delayed, self.keys.dead_letters],
+            [self.batch_size, *entry_ids],
             self.redis,
         )
         return {k: int(v) for k, v in reply.items()}

@@ -40,7 +40,6 @@ SCRIPTS: Final = (
     "queue_maintain",
     "queue_stats",
     "dlq_requeue",
-    "usage_flush",
     "adaptive_take",
     "adaptive_sync",
 )

@@ -1,12 +1,18 @@
 """The Redis command ledger: this process's counts flushed to a per-day hash, read back for ``status``.
 
-The counting itself is in ``primitives.clients``; the counts are flushed to a per-day hash in Redis (one
-script call at most every flush interval) so ``seatwatch status`` can show them for every daemon.
+The counting itself is in ``primitives.clients``. Each process writes its own running totals for the day
+into ``{prefix}:usage:{day}`` under fields ``{purpose}|{instance}`` with one HSET (plus one EXPIRE the first
+time a day is written): absolute values, so a flush costs one billed command however many purposes there
+are, and a flush repeated after a lost reply writes the same numbers again. ``today`` sums the fields by
+purpose over every daemon (fields without an instance, from older daemons' increments, count as they are).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,35 +34,55 @@ def utc_day(now: float) -> str:
 
 
 class UsageLedger:
-    """Flushes this process's counts into ``{prefix}:usage:{day}`` and reads them back for status."""
+    """Writes this process's counts for the day into ``{prefix}:usage:{day}`` and reads them back for status."""
 
     def __init__(self, clients: RedisClients, keys: Keys, scripts: Scripts, now: Callable[[], float]) -> None:
         self.clients = clients
         self.keys = keys
-        self.scripts = scripts
+        self.scripts = scripts  # kept for the wiring's signature; the flush needs no script
         self.now = now
         self.redis = clients.client("usage")
+        self.instance = f"{os.getpid()}.{secrets.token_hex(3)}"
+        self._day = ""
+        self._day_counts: collections.Counter[str] = collections.Counter()
 
     async def flush(self) -> bool:
-        """Add the unflushed counts (the flush itself included) to today's hash; one script call."""
+        """Write this process's counts of the day (the flush itself included); one HSET, and one EXPIRE the
+        first time a day is written."""
         if not self.clients.usage.unflushed:
             return False
-        self.clients.usage.add("usage")  # the call below, counted before it happens so it is included
+        day = utc_day(self.now())
+        first_of_day = day != self._day
+        own = 2 if first_of_day else 1
+        # The commands below, counted before they happen so the values written include them; the counting
+        # client counts them again when they are sent, and that second count is taken back after.
+        self.clients.usage.add("usage", own)
         counts = self.clients.usage.take_unflushed()
-        args: list[str | int] = [USAGE_TTL_S]
-        for purpose, n in sorted(counts.items()):
-            args.extend((purpose, n))
+        day_counts = collections.Counter() if first_of_day else collections.Counter(self._day_counts)
+        day_counts.update(counts)
+        key = self.keys.usage(day)
+        mapping = {f"{purpose}|{self.instance}": n for purpose, n in sorted(day_counts.items())}
         try:
-            await self.scripts.call("usage_flush", [self.keys.usage(utc_day(self.now()))], args, self.redis)
+            await self.redis.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            if first_of_day:
+                await self.redis.expire(key, USAGE_TTL_S)
         except Exception:
             self.clients.usage.give_back(counts)
             raise
+        finally:
+            # Counted in advance and again by the client as sent: what was sent stays counted once, what was
+            # never sent (after a failure) not at all.
+            self.clients.usage.forget("usage", own)
+        self._day, self._day_counts = day, day_counts
         return True
 
     async def today(self) -> dict[str, int]:
-        """Today's flushed counts by purpose, every daemon's."""
+        """Today's counts by purpose, every daemon's."""
         raw: dict[Any, Any] = await self.clients.client("admin").hgetall(self.keys.usage(utc_day(self.now())))
-        return {str(k): int(v) for k, v in raw.items()}
+        totals: collections.Counter[str] = collections.Counter()
+        for field, value in raw.items():
+            totals[str(field).split("|", 1)[0]] += int(value)
+        return dict(totals)
 
 
 def projection(today: dict[str, int], now: float, budget_per_day: int) -> dict[str, Any]:

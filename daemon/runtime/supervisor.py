@@ -64,7 +64,7 @@ class Daemon:
         notifier: Notifier | None = None,
         retry_base_s: float = 30.0,
         idle_block_s: float = 900.0,
-        idle_maintenance_s: float = 900.0,
+        idle_maintenance_s: float = 3600.0,
     ) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 import pytest
@@ -11,6 +11,7 @@ from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.lock import CronLock
 from daemon.runtime.report import breaker_view, iso
 from tests.support.procs import daemon_env, run_cli
+from tests.support.queued import stream_sections
 from tests.support.seed import add_user, add_watch, clear
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ async def test_tick_enqueues_its_group_and_reports_exit_3_when_locked(
         await lock.release(grant)
     assert locked.returncode == 3
     assert "held by elsewhere" in locked.stderr
-    assert await redis_clients.client("admin").xlen(keys.stream) == 2
+    assert len(await stream_sections(redis_clients.client("admin"), keys)) == 2
 
 
 async def test_status_json_has_the_documented_keys(env: dict[str, str], pool: asyncpg.Pool) -> None:
@@ -139,8 +140,7 @@ async def test_dlq_list_requeue_purge(env: dict[str, str], redis_clients: RedisC
     requeued = run_cli("dlq", "requeue", str(first), env=env)
     assert requeued.returncode == 0
     assert "requeued 1" in requeued.stdout
-    entries: Any = await redis.xrange(keys.stream)
-    assert [(f["id"], f["attempts"]) for _, f in entries] == [("2261-10005", "0")]
+    assert [(job, a) for _, job, a in await stream_sections(redis, keys)] == [("2261-10005", 0)]
     assert await redis.xlen(keys.dead_letters) == 1
 
     assert "purged 1" in run_cli("dlq", "purge", env=env).stdout

@@ -38,13 +38,19 @@ def test_wheel_ships_lua_sql_and_entry_point(tmp_path: Path) -> None:
 
 
 def test_every_script_resolves_its_includes() -> None:
-    """Each script's includes name library files that exist, and the loaded source starts with their text."""
+    """Each script's includes name library files that exist, and the loaded source is their text then the
+    script's, inside the wrapper that counts what the script runs (SPEC §5)."""
     folder = ROOT / "daemon" / "primitives" / "lua"
     for name in SCRIPTS:
         text = (folder / f"{name}.lua").read_text()
         includes = re.findall(r"^-- include: (\w+)$", text, re.MULTILINE)
         libraries = [(folder / f"{lib}.lua").read_text() for lib in includes]
-        assert source(name) == "\n".join([*libraries, text])
+        body = "\n".join([*libraries, text])
+        loaded = source(name)
+        assert body in loaded
+        head, tail = loaded.split(body)
+        assert head.startswith("local __redis, __calls = redis, 0\n")
+        assert tail.rstrip().endswith("return {__calls, __reply}")
 
 
 def test_unit_file_matches_the_daemon() -> None:

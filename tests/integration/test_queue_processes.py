@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.queue_worker import done_key, draining_key, parse_record, ready_key, started_key
+from tests.support.queued import stream_sections
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
@@ -125,12 +126,7 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> int
 
 async def drained(r: aioredis.Redis, keys: Keys) -> bool:
     summary: Any = await r.xpending(keys.stream, keys.group)
-    return (
-        await r.xlen(keys.stream) == 0
-        and int(summary["pending"]) == 0
-        and await r.zcard(keys.delayed) == 0
-        and await r.hlen(keys.jobs) == 0
-    )
+    return await r.xlen(keys.stream) == 0 and int(summary["pending"]) == 0 and await r.zcard(keys.delayed) == 0
 
 
 async def test_killed_consumer_resumes_its_job_at_once_after_restart(
@@ -200,7 +196,7 @@ async def test_thousand_jobs_over_three_processes_each_complete_once(
 async def test_thousand_jobs_with_a_worker_killed_midway_lose_nothing(
     workers: Workers, queue: Queue, r: aioredis.Redis, prefix: str
 ) -> None:
-    """SIGKILL one of 3 workers mid-run: all 1,000 jobs complete; the few duplicates are the victim's, counted."""
+    """SIGKILL one of 3 workers mid-run: all 1,000 jobs complete; the duplicates are the victim's unsettled batch."""
     concurrency = 8
     names = ("w1", "w2", "w3")
     procs = {name: workers.start(name, concurrency=concurrency, sleep_s=0.01, visibility_s=2) for name in names}
@@ -224,9 +220,10 @@ async def test_thousand_jobs_with_a_worker_killed_midway_lose_nothing(
     duplicated = {job for job, n in completions.items() if n > 1}
     duplicates = len(done) - 1000
     print(f"duplicates after SIGKILL: {duplicates} ({sorted(duplicated)})")
-    # Only what w1 had read but not yet acknowledged can run twice: at most its running and finished-but-
-    # unsettled jobs, two batches of its pool.
-    assert duplicates <= 2 * concurrency
+    # Only what w1 had read but not yet acknowledged can run twice: the one batch entry it held (its sections
+    # done before the kill are checked again, which changes nothing committed; the email claims are in
+    # Postgres). Every command is billed, so the queue acknowledges a batch, not a section.
+    assert duplicates <= queue.batch_size
     for job in duplicated:
         runs = [(attempt, by) for j, attempt, by in done if j == job]
         assert "w1" in {by for _a, by in runs}, runs
@@ -266,5 +263,4 @@ async def test_second_sigterm_returns_running_jobs_with_attempts_unchanged(
     assert await records(r, done_key(prefix)) == []
     summary: Any = await r.xpending(queue.keys.stream, queue.keys.group)
     assert int(summary["pending"]) == 0
-    entries: Any = await r.xrange(queue.keys.stream)
-    assert [(f["id"], f["attempts"]) for _eid, f in entries] == [(job_id(1), "0")]
+    assert [(job, a) for _eid, job, a in await stream_sections(r, queue.keys)] == [(job_id(1), 0)]

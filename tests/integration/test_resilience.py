@@ -23,6 +23,7 @@ from daemon.scheduler import Scheduler, enqueue_under
 from daemon.settlement import _Unsent
 from daemon.upstream.resend import ResendTransport
 from tests.support.proxy import redis_proxy
+from tests.support.queued import stream_sections
 from tests.support.seed import add_user, add_watch, clear, owed_emails
 from tests.support.stubs import RESEND_KEY, Reply, ResendStub
 from tests.support.wait import eventually
@@ -338,8 +339,8 @@ async def test_jobs_admitted_by_a_cycle_whose_reply_was_lost_go_back_to_the_queu
     assert result is not None
     assert consumer.settlement.unconfirmed is None
     admin = redis_clients.client("admin")
-    entries = await admin.xrange(keys.stream)
-    assert sorted((f["id"], f["attempts"]) for _, f in entries) == [("2261-40001", "0"), ("2261-40002", "0")]
+    queued = await stream_sections(admin, keys)
+    assert sorted((job, a) for _, job, a in queued) == [("2261-40001", 0), ("2261-40002", 0)]
     assert (await admin.xpending(keys.stream, keys.group))["pending"] == 0
 
 

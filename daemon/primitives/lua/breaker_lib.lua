@@ -14,10 +14,12 @@ local function breaker_load(kb)
         successes = tonumber(v[3]) or 0,
         last_failure_ms = tonumber(v[4]) or 0,
         last_change_ms = tonumber(v[5]) or 0,
+        stored_state = v[1] or 'CLOSED',  -- what the hash holds, so a lazy transition is saved once
     }
 end
 
 local function breaker_save(kb, b)
+    b.stored_state = b.state
     redis.call('HSET', kb, 'state', b.state, 'failures', b.failures, 'successes', b.successes,
         'last_failure_ms', b.last_failure_ms, 'last_change_ms', b.last_change_ms)
 end
@@ -66,13 +68,14 @@ local function breaker_apply(b, kind, cfg, now)
 end
 
 local function breaker_view(kt, b, cfg, now)
+    local in_flight = redis.call('ZCOUNT', kt, now + 1, '+inf')
     return {
         state = b.state,
         failures = b.failures,
         successes = b.successes,
         last_failure_ms = b.last_failure_ms,
         last_change_ms = b.last_change_ms,
-        in_flight = redis.call('ZCOUNT', kt, now + 1, '+inf'),
+        in_flight = in_flight,
         retry_after_ms = breaker_wait_ms(b, cfg, now),
         now_ms = now,
     }
@@ -81,20 +84,24 @@ end
 -- Record outcomes in order: outcomes is a list of {kind, trial_id}; trial_id '' for non-trial calls.
 local function breaker_record(kb, kt, outcomes, cfg, now)
     local b = breaker_load(kb)
+    local before = b.state .. ':' .. b.failures .. ':' .. b.successes .. ':' .. b.last_failure_ms .. ':' .. b.last_change_ms
+    local freed = {}
     for _, o in ipairs(outcomes) do
-        if o[2] ~= nil and o[2] ~= '' then
-            redis.call('ZREM', kt, o[2])
-        end
+        if o[2] ~= nil and o[2] ~= '' then freed[#freed + 1] = o[2] end
         breaker_apply(b, o[1], cfg, now)
     end
-    breaker_save(kb, b)
+    -- One ZREM for every trial the batch frees, and no write when the outcomes changed nothing (a run of
+    -- successes while CLOSED): each command a script runs is billed.
+    if #freed > 0 then redis.call('ZREM', kt, unpack(freed)) end
+    local after = b.state .. ':' .. b.failures .. ':' .. b.successes .. ':' .. b.last_failure_ms .. ':' .. b.last_change_ms
+    if after ~= before then breaker_save(kb, b) end
     return b
 end
 
--- Admit up to n calls. Returns admitted count, the trial ids (HALF_OPEN only) and the breaker after.
-local function breaker_allow(kb, kt, n, cfg, now)
-    local b = breaker_load(kb)
-    local before = b.state
+-- Admit up to n calls given the breaker already loaded (and perhaps changed by outcomes in this call).
+-- Returns admitted count, the trial ids (HALF_OPEN only), the wait, and the breaker after.
+local function breaker_allow_loaded(kb, kt, b, n, cfg, now)
+    local before = b.stored_state or b.state
     breaker_settle_time(b, cfg, now)
     local admitted, trials, retry_ms = 0, {}, 0
     if b.state == 'CLOSED' then
@@ -105,10 +112,16 @@ local function breaker_allow(kb, kt, n, cfg, now)
         redis.call('ZREMRANGEBYSCORE', kt, '-inf', now)
         local in_flight = redis.call('ZCARD', kt)
         admitted = math.max(0, math.min(n, cfg.half_open_max - in_flight))
-        for i = 1, admitted do
-            local id = redis.call('HINCRBY', kb, 'seq', 1)
-            redis.call('ZADD', kt, now + cfg.trial_ttl_ms, id)
-            trials[#trials + 1] = tostring(id)
+        if admitted > 0 then
+            -- One HINCRBY and one ZADD for all the trials (each command a script runs is billed).
+            local last = redis.call('HINCRBY', kb, 'seq', admitted)
+            local members = {}
+            for id = last - admitted + 1, last do
+                members[#members + 1] = now + cfg.trial_ttl_ms
+                members[#members + 1] = id
+                trials[#trials + 1] = tostring(id)
+            end
+            redis.call('ZADD', kt, unpack(members))
         end
         if admitted < n then
             -- Every trial slot is taken: look again when the earliest could have freed, at most in 5 s.
@@ -119,4 +132,9 @@ local function breaker_allow(kb, kt, n, cfg, now)
     end
     if b.state ~= before then breaker_save(kb, b) end
     return admitted, trials, retry_ms, b
+end
+
+-- Admit up to n calls. Returns admitted count, the trial ids (HALF_OPEN only) and the breaker after.
+local function breaker_allow(kb, kt, n, cfg, now)
+    return breaker_allow_loaded(kb, kt, breaker_load(kb), n, cfg, now)
 end

@@ -1,22 +1,25 @@
 -- include: lib_time
 -- include: queue_lib
--- dlq_requeue: put dead-lettered jobs back on the queue with fresh attempts.
--- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] dead letters
--- ARGV: dead-letter entry ids; none = every dead letter (at most 10000 per call)
--- A job already waiting, running or delayed is not added twice; its dead letter is removed all the same.
+-- dlq_requeue: put dead-lettered sections back on the queue with fresh attempts, as batch entries.
+-- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] dead letters
+-- ARGV[1] sections per entry, then dead-letter entry ids; none = every dead letter (at most 10000 per call)
+-- A section already waiting, running or delayed is not added twice; its dead letter is removed all the same.
 -- Entries without a usable term and class number stay in the dead-letter stream.
 -- Reply: JSON {requeued, already_queued, invalid, missing}
-local now = now_ms()
+local per_entry = tonumber(ARGV[1])
 local entries = {}
-if #ARGV == 0 then
-    entries = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 10000)
+if #ARGV == 1 then
+    entries = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 10000)
 else
-    for _, eid in ipairs(ARGV) do
-        local found = redis.call('XRANGE', KEYS[4], eid, eid)
+    for i = 2, #ARGV do
+        local eid = ARGV[i]
+        local found = redis.call('XRANGE', KEYS[3], eid, eid)
         if #found > 0 then entries[#entries + 1] = found[1] else entries[#entries + 1] = {eid, false} end
     end
 end
-local requeued, already, invalid, missing = 0, 0, 0, 0
+local live = q_live(KEYS[1], KEYS[2])
+local now = now_ms()
+local requeued, already, invalid, missing, batch, gone = 0, 0, 0, 0, {}, {}
 for _, e in ipairs(entries) do
     if not e[2] then
         missing = missing + 1
@@ -26,14 +29,20 @@ for _, e in ipairs(entries) do
             invalid = invalid + 1
         else
             local id = f.term .. '-' .. f.class_nbr
-            if q_live(KEYS[1], KEYS[2], KEYS[3], id) then
+            if live[id] then
                 already = already + 1
             else
-                q_add(KEYS[1], KEYS[2], id, f.term, f.class_nbr, 0, now)
+                live[id] = true
+                batch[#batch + 1] = {f.term, f.class_nbr, 0}
                 requeued = requeued + 1
+                if #batch >= per_entry then q_add(KEYS[1], batch, now); batch = {} end
             end
-            redis.call('XDEL', KEYS[4], e[1])
+            gone[#gone + 1] = e[1]
         end
     end
+end
+if #batch > 0 then q_add(KEYS[1], batch, now) end
+for i = 1, #gone, 1000 do
+    redis.call('XDEL', KEYS[3], unpack(gone, i, math.min(i + 999, #gone)))
 end
 return cjson.encode({requeued = requeued, already_queued = already, invalid = invalid, missing = missing})

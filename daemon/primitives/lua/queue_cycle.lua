@@ -1,118 +1,122 @@
 -- include: lib_time
 -- include: breaker_lib
 -- include: queue_lib
--- queue_cycle: settle finished jobs, take new ones, and admit them through the breaker, in one atomic step.
--- KEYS[1] stream, KEYS[2] jobs hash, KEYS[3] delayed set, KEYS[4] delayed payloads, KEYS[5] dead letters,
--- KEYS[6] breaker hash, KEYS[7] breaker trials, KEYS[8] this call's reply cache (named by a cycle id),
--- KEYS[9] (optional) the reply cache of this consumer's previous cycle, no longer needed: deleted
+-- queue_cycle: settle finished batch entries, record breaker outcomes, take new entries and admit their
+-- sections through the breaker, in one atomic step. Nothing in it costs a command per section.
+-- KEYS[1] stream, KEYS[2] delayed set, KEYS[3] dead letters, KEYS[4] breaker hash, KEYS[5] breaker trials,
+-- KEYS[6] this call's reply cache (named by a cycle id),
+-- KEYS[7] (optional) the reply cache of this consumer's previous cycle, no longer needed: deleted
 -- ARGV[1] group, ARGV[2] JSON {
 --   cfg: breaker cfg + dlq_maxlen,
 --   outcomes: [[kind, trial_id], ...]  breaker outcomes in the order the calls finished,
---   done: [{entry_id, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw}, ...]
---         (jobs.DoneWire) action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
---                 | requeue (back to the stream now, spends none: a job interrupted by shutdown)
---                 | dead (dead-letter) | poison (malformed entry: dead-letter as is),
---   read: [{entry_id, id, term, class_nbr, attempts, enqueued_ms}, ...]  entries just read, to admit
---         (jobs.JobWire),
---   fetch: n  when no entries are given, read up to n new ones for this consumer here (no blocking)
+--   settle: [{entry_id, jobs = [DoneWire, ...]}, ...]  entries whose every section is done (jobs.EntryWire);
+--         a section's action: ack | retry (spends the attempt counted in `attempts`) | defer (spends none)
+--                 | requeue (back to the stream now, spends none: interrupted by shutdown)
+--                 | dead (dead-letter) | poison (not a job: dead-letter as is),
+--   read: [JobWire, ...]  sections of entries just read by the blocking reader, to admit,
+--   fetch: n  when nothing is given in read, take up to n new entries for this consumer here (no blocking)
 -- }
 -- ARGV[3] consumer name (for fetch)
--- Reply: JSON {admitted, trials, retry_after_ms, deferred, fetched, poisoned, breaker, next_due_ms, stream,
---   pending, delayed, dead_letters}. `fetched` lists the entries this call read (as `read` gives them);
---   `poisoned` lists {entry_id, reason} of fetched entries that were not jobs (now dead letters).
---   A call whose reply was lost is retried with the same cycle id: it gets the cached reply and changes
---   nothing, so no outcome is applied twice.
---   The first `admitted` read entries may run; the rest went back to the delayed set until the breaker
---   may admit again, without spending an attempt. A retry is never due before the breaker reopens.
-local cached = redis.call('GET', KEYS[8])
+-- An entry's settlement applies only while the entry is still pending (XACK answers 1): an entry taken over
+-- after the visibility timeout has been requeued by the maintenance, which now owns its sections. Its
+-- retries and deferrals go to the delayed set as one member, its requeues back to the stream as one entry.
+-- Reply: JSON {admitted, trials, retry_after_ms, fetched, bad, poisoned, breaker, next_due_ms}. `fetched`
+--   lists the sections this call read (JobWire); `bad` lists {entry_id, reason, raw} of sections of a
+--   fetched batch that are not jobs (the caller settles them as poison with their entry); `poisoned` lists
+--   {entry_id, reason} of fetched entries that were not jobs at all (now dead letters). The first
+--   `admitted` sections may run; the caller defers the rest. `next_due_ms`: the earliest retry this call
+--   delayed (-1: none). A call whose reply was lost is retried with the same cycle id: it gets the cached
+--   reply and changes nothing, so no outcome is applied twice.
+local cached = redis.call('GET', KEYS[6])
 if cached then return cached end
 local now = now_ms()
 local group = ARGV[1]
-q_ensure_group(KEYS[1], group)
 local a = cjson.decode(ARGV[2])
 local cfg = a.cfg
 local b
 if #a.outcomes > 0 then
-    b = breaker_record(KEYS[6], KEYS[7], a.outcomes, cfg, now)
+    b = breaker_record(KEYS[4], KEYS[5], a.outcomes, cfg, now)
 else
-    b = breaker_load(KEYS[6])
+    b = breaker_load(KEYS[4])
     breaker_settle_time(b, cfg, now)
 end
 local wait_ms = breaker_wait_ms(b, cfg, now)
+local next_due = -1
 
-for _, d in ipairs(a.done) do
-    local eid, id, action = d.entry_id, d.id, d.action
-    local owned = q_owned(KEYS[2], id, eid)
-    q_remove(KEYS[1], group, eid)
-    if action == 'poison' then
-        q_dead(KEYS[5], cfg.dlq_maxlen, id, d.term, d.class_nbr, d.attempts, d.error, eid, now, d.raw)
-    elseif owned then
-        if action == 'ack' then
-            redis.call('HDEL', KEYS[2], id)
-        elseif action == 'retry' or action == 'defer' then
-            local delay = tonumber(d.delay_ms)
-            if action == 'retry' then delay = math.max(delay, wait_ms) end
-            q_delay(KEYS[2], KEYS[3], KEYS[4], id, now + delay, d.term, d.class_nbr, d.attempts, d.enqueued_ms)
-        elseif action == 'requeue' then
-            q_add(KEYS[1], KEYS[2], id, d.term, d.class_nbr, d.attempts, d.enqueued_ms)
-        elseif action == 'dead' then
-            q_dead(KEYS[5], cfg.dlq_maxlen, id, d.term, d.class_nbr, d.attempts, d.error, eid, now, '')
-            redis.call('HDEL', KEYS[2], id)
+for _, s in ipairs(a.settle) do
+    local eid = s.entry_id
+    local owned = q_remove(KEYS[1], group, eid)
+    local requeue, retry, delay, enqueued = {}, {}, 0, nil
+    for _, d in ipairs(s.jobs) do
+        local action = d.action
+        if action == 'poison' then
+            q_dead(KEYS[3], cfg.dlq_maxlen, d.id, d.term, d.class_nbr, d.attempts, d.error, eid, now, d.raw)
+        elseif owned then
+            if enqueued == nil or tonumber(d.enqueued_ms) < enqueued then enqueued = tonumber(d.enqueued_ms) end
+            local section = {d.term, d.class_nbr, tonumber(d.attempts)}
+            if action == 'retry' or action == 'defer' then
+                local ms = tonumber(d.delay_ms)
+                if action == 'retry' then ms = math.max(ms, wait_ms) end
+                delay = math.max(delay, ms)
+                retry[#retry + 1] = section
+            elseif action == 'requeue' then
+                requeue[#requeue + 1] = section
+            elseif action == 'dead' then
+                q_dead(KEYS[3], cfg.dlq_maxlen, d.id, d.term, d.class_nbr, d.attempts, d.error, eid, now, '')
+            end
         end
+    end
+    if #requeue > 0 then q_add(KEYS[1], requeue, enqueued) end
+    if #retry > 0 then
+        q_delay(KEYS[2], now + delay, retry, enqueued)
+        if next_due < 0 or now + delay < next_due then next_due = now + delay end
     end
 end
 
-local fetched, poisoned = {}, {}
+local fetched, bad, poisoned = {}, {}, {}
 if #a.read == 0 and (a.fetch or 0) > 0 then
-    local got = redis.call('XREADGROUP', 'GROUP', group, ARGV[3], 'COUNT', a.fetch, 'STREAMS', KEYS[1], '>')
+    local got = q_group_call(KEYS[1], group,
+        'XREADGROUP', 'GROUP', group, ARGV[3], 'COUNT', a.fetch, 'STREAMS', KEYS[1], '>')
     if got then
         for _, e in ipairs(got[1][2]) do
             local eid, f = e[1], q_fields(e)
-            local why = q_not_a_job(f)
-            if why == nil then
-                -- Numbers stay strings: cjson would round an enqueued_ms past 14 digits.
-                fetched[#fetched + 1] = {entry_id = eid, id = f.id, term = f.term, class_nbr = f.class_nbr,
-                    attempts = f.attempts or '0', enqueued_ms = f.enqueued_ms or '0'}
-            else
+            local batch, enqueued, why = q_sections(f)
+            if batch == nil then
                 q_remove(KEYS[1], group, eid)
-                q_dead(KEYS[5], cfg.dlq_maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
+                q_dead(KEYS[3], cfg.dlq_maxlen, f.id, f.term, f.class_nbr, 0, why, eid, now, cjson.encode(f))
                 poisoned[#poisoned + 1] = {entry_id = eid, reason = why}
+            else
+                for _, sec in ipairs(batch) do
+                    local bad_why = q_bad_section(sec)
+                    if bad_why then
+                        bad[#bad + 1] = {entry_id = eid, reason = bad_why, raw = cjson.encode(sec)}
+                    else
+                        -- Numbers stay strings: cjson would round an enqueued_ms past 14 digits.
+                        fetched[#fetched + 1] = {entry_id = eid, id = sec[1] .. '-' .. sec[2], term = sec[1],
+                            class_nbr = sec[2], attempts = tostring(sec[3]), enqueued_ms = enqueued}
+                    end
+                end
             end
         end
     end
     for _, r in ipairs(fetched) do a.read[#a.read + 1] = r end
 end
 
-local admitted, trials, retry_ms, deferred = 0, {}, 0, 0
-local n = #a.read
-if n > 0 then
-    admitted, trials, retry_ms, b = breaker_allow(KEYS[6], KEYS[7], n, cfg, now)
-    for i = admitted + 1, n do
-        local r = a.read[i]
-        local owned = q_owned(KEYS[2], r.id, r.entry_id)
-        q_remove(KEYS[1], group, r.entry_id)
-        if owned then
-            q_delay(KEYS[2], KEYS[3], KEYS[4], r.id, now + retry_ms, r.term, r.class_nbr, r.attempts, r.enqueued_ms)
-            deferred = deferred + 1
-        end
-    end
+local admitted, trials, retry_ms = 0, {}, 0
+if #a.read > 0 then
+    admitted, trials, retry_ms, b = breaker_allow_loaded(KEYS[4], KEYS[5], b, #a.read, cfg, now)
 end
 
-local summary = redis.call('XPENDING', KEYS[1], group)
 local reply = cjson.encode({
     admitted = admitted,
     trials = trials,
     retry_after_ms = retry_ms,
-    deferred = deferred,
     fetched = fetched,
+    bad = bad,
     poisoned = poisoned,
-    breaker = breaker_view(KEYS[7], b, cfg, now),
-    next_due_ms = q_next_due(KEYS[3]),
-    stream = redis.call('XLEN', KEYS[1]),
-    pending = summary[1],
-    delayed = redis.call('ZCARD', KEYS[3]),
-    dead_letters = redis.call('XLEN', KEYS[5]),
+    breaker = breaker_view(KEYS[5], b, cfg, now),
+    next_due_ms = next_due,
 })
-redis.call('SET', KEYS[8], reply, 'PX', 600000)
-if KEYS[9] then redis.call('DEL', KEYS[9]) end
+redis.call('SET', KEYS[6], reply, 'PX', 600000)
+if KEYS[7] then redis.call('DEL', KEYS[7]) end
 return reply
