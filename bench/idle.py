@@ -141,7 +141,7 @@ def main() -> None:
         ticks_in_window = sum(
             1
             for line in (work / "daemon.log").read_text().splitlines()
-            if "daemon.scheduler: tick " in line and window_start <= _log_time(line) < window_end
+            if "daemon.cron.scheduler: tick " in line and window_start <= _log_time(line) < window_end
         )
         tick_start = time.time()
         tick = subprocess.run(

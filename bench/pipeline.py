@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
+from daemon.checks.consumer import Consumer
+from daemon.checks.pipeline import Pipeline
 from daemon.commands.embedded import RedisServer
-from daemon.consumer import Consumer
 from daemon.keys import Keys
-from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import RedisClients
 from daemon.primitives.queue import Queue

@@ -50,8 +50,8 @@ from typing import IO, Any
 import anyio
 import redis.asyncio as aioredis
 
+from daemon.checks.consumer import Consumer, Ticket
 from daemon.commands.embedded import RedisServer
-from daemon.consumer import Consumer, Ticket
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import FREE_COMMANDS, RedisClients

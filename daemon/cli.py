@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from daemon.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
 from daemon.errors import ConfigError, Exit, FatalStartError, StoreUnavailable, driver_error
-from daemon.service_env import CREDENTIALS, ENV_FILE, UNIT_FILE
+from daemon.settings.config import NEEDS_ALL, NEEDS_DATABASE, NEEDS_REDIS, NEEDS_STORES, Needs, Settings
+from daemon.settings.service_env import CREDENTIALS, ENV_FILE, UNIT_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -118,7 +118,7 @@ def load_settings(
 ) -> Settings:
     """Settings for a command from where SPEC §3 says (``service_env``), exiting 78 with every problem listed
     when they are unusable. ``timeout_stop_s``: the unit's TimeoutStopSec, when the command checks against it."""
-    from daemon.service_env import command_environment
+    from daemon.settings.service_env import command_environment
 
     env_file = getattr(args, "env_file", None)
     credentials = getattr(args, "credentials", None)
@@ -135,7 +135,7 @@ def load_settings(
 def _complain(message: str, *, priority: int = 3) -> None:
     """A message for the operator on stderr; under journald each line carries its syslog ``priority`` (3: err),
     so ``journalctl -p err`` shows why a start failed, not only systemd's "Failed with result 'exit-code'"."""
-    from daemon.logs import stdout_is_journal
+    from daemon.settings.logs import stdout_is_journal
 
     text = f"seatwatch: {message}"
     if stdout_is_journal(sys.stderr):
@@ -187,8 +187,8 @@ def _async(fn: Callable[[], Awaitable[int]]) -> int:
 
 
 def _configure_logs(settings: Settings) -> None:
-    from daemon import logs
-    from daemon.config import secret_values
+    from daemon.settings import logs
+    from daemon.settings.config import secret_values
 
     logs.configure(fmt=settings.log_format, level=settings.log_level, secrets=secret_values(settings))
 
@@ -229,7 +229,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from daemon.runtime import systemd
-    from daemon.service_env import installed
+    from daemon.settings.service_env import installed
 
     # The same validation as `run`: under systemd its own TimeoutStopSec, else the unit file's.
     timeout_stop_s = systemd.timeout_stop_s()

@@ -762,9 +762,9 @@ def _uninstall(host: Host, purge: bool) -> int:
 
 
 def redis_prefix(env_file: Path) -> str:
-    """SEATWATCH_REDIS_PREFIX as systemd reads the env file (by the daemon's own reader, ``daemon/envfile.py`` of
-    this checkout, which runs on 3.8 too), else the default."""
-    reader = Path(__file__).resolve().parent.parent / "daemon" / "envfile.py"
+    """SEATWATCH_REDIS_PREFIX as systemd reads the env file (by the daemon's own reader,
+    ``daemon/settings/envfile.py`` of this checkout, which runs on 3.8 too), else the default."""
+    reader = Path(__file__).resolve().parent.parent / "daemon" / "settings" / "envfile.py"
     spec = importlib.util.spec_from_file_location("seatwatch_envfile", reader)
     if spec is None or spec.loader is None:
         return "seatwatch"

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from daemon.adaptive.gate import Gate
-    from daemon.config import Settings
     from daemon.keys import Keys
+    from daemon.settings.config import Settings
 
 PURPOSE: Final = "adaptive"  # Redis commands of the take script (all-in: what it runs counted too)
 IDLE_FLOOR_PER_DAY: Final = 400.0  # SPEC §5: a waiting daemon's whole spend

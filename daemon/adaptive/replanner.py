@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
     from daemon.adaptive.figures import Figures, Progress, RedisClock, Timing
     from daemon.adaptive.gate import Gate
-    from daemon.config import Settings
     from daemon.primitives.clients import Usage
+    from daemon.settings.config import Settings
 
 logger = logging.getLogger(__name__)
 

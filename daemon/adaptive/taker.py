@@ -38,7 +38,7 @@ from daemon.adaptive.figures import CHECKS_PER_CALL, PURPOSE, AdaptiveKeys, Figu
 from daemon.adaptive.limit import AdaptiveLimit, FixedLimit, capacity_per_s
 from daemon.adaptive.replanner import Replanner
 from daemon.backoff import Backoff, Outage
-from daemon.consumer import Ticket
+from daemon.checks.consumer import Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError, StoreUnavailable, error_name
 from daemon.jobs import Job
 from daemon.primitives.clients import REDIS_ERRORS
@@ -54,12 +54,12 @@ if TYPE_CHECKING:
     from daemon.adaptive.figures import Progress
     from daemon.adaptive.gate import Gate
     from daemon.adaptive.limit import Limit
-    from daemon.config import Settings
+    from daemon.checks.pipeline import Pipeline
     from daemon.keys import Keys
-    from daemon.pipeline import Pipeline
     from daemon.primitives.breaker import BreakerConfig
     from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
+    from daemon.settings.config import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from daemon.cron import group_for, next_slot
+from daemon.cron.scheduler import enqueue_under
+from daemon.cron.slots import group_for, next_slot
 from daemon.errors import Exit, LockBusy, StoreUnavailable, driver_error, error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.primitives.usage import projection
 from daemon.runtime.report import breaker_view, email_quota_view, iso, lock_view, queue_view
 from daemon.runtime.schedule import schedule_status
 from daemon.runtime.wiring import Parts, build_parts
-from daemon.scheduler import enqueue_under
 from daemon.store import db
 from daemon.store.pool import (
     COMMAND_CONNECTIONS,
@@ -32,7 +32,7 @@ from daemon.store.pool import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-    from daemon.config import Settings
+    from daemon.settings.config import Settings
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from daemon.store.pool import connect, dsn_warnings, server_version
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from daemon.config import Settings
+    from daemon.settings.config import Settings
 
 Result = tuple[str, bool, str]
 

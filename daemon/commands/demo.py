@@ -24,10 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import orjson
 
-from daemon import logs
 from daemon.commands import embedded
-from daemon.config import Settings
 from daemon.errors import EmbeddedUnavailable
+from daemon.settings import logs
+from daemon.settings.config import Settings
 from daemon.store import seed as seed_rows
 from daemon.store.migrations import migrate
 from daemon.store.pool import connect

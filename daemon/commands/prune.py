@@ -12,7 +12,7 @@ from daemon.store import prune_queries
 from daemon.store.pool import connect
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
+    from daemon.settings.config import Settings
     from daemon.store.prune_queries import Rule
 
 

@@ -26,8 +26,8 @@ from daemon.primitives.scripts import Scripts
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from daemon.config import Settings
     from daemon.primitives.clients import CountingRedis
+    from daemon.settings.config import Settings
 
 
 class _Recording(Scripts):

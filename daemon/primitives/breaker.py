@@ -22,10 +22,10 @@ import orjson
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from daemon.config import Settings
     from daemon.keys import Keys
     from daemon.primitives.clients import CountingRedis
     from daemon.primitives.scripts import Scripts
+    from daemon.settings.config import Settings
 
 OutcomeKind = Literal["s", "f", "n"]  # success, failure, neutral (frees a trial slot only)
 

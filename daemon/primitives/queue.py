@@ -8,7 +8,7 @@ an index. Enqueue skips a section while it waits, runs or waits for a retry; ``c
 entries, records their breaker outcomes and admits new entries in one atomic script call; ``maintain``
 promotes due retries and requeues entries nobody acknowledged within the visibility timeout (a consumer
 working through a long batch keeps its entries with ``heartbeat``). The runtime that drives it is
-``daemon.consumer``; what a job is and how it travels to Lua is ``daemon.jobs``.
+``daemon.checks.consumer``; what a job is and how it travels to Lua is ``daemon.jobs``.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon import logs
 from daemon.errors import error_name
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime.report import Probe
+from daemon.settings import logs
 from daemon.store import db
 from daemon.store.pool import ping
 

@@ -15,10 +15,10 @@ from daemon.store import adaptive_queries, db
 if TYPE_CHECKING:
     import asyncpg
 
-    from daemon.config import Settings
+    from daemon.cron.scheduler import Scheduler
     from daemon.keys import Keys
     from daemon.primitives.clients import CountingRedis
-    from daemon.scheduler import Scheduler
+    from daemon.settings.config import Settings
 
 logger = logging.getLogger(__name__)
 

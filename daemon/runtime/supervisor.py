@@ -26,20 +26,20 @@ import redis.exceptions
 from daemon.adaptive.gate import Gate, MeteredScraper
 from daemon.adaptive.taker import Taker, make_limit
 from daemon.backoff import Backoff
-from daemon.consumer import Consumer
+from daemon.checks.consumer import Consumer
+from daemon.checks.outbox import OutboxSender
+from daemon.checks.pipeline import Pipeline
+from daemon.checks.pruner import Pruner
+from daemon.cron.scheduler import Scheduler
 from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
-from daemon.outbox import OutboxSender
-from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import REDIS_ERRORS
-from daemon.pruner import Pruner
 from daemon.runtime import report
 from daemon.runtime.health import HealthServer
 from daemon.runtime.monitor import Monitor
 from daemon.runtime.schedule import CronWatch
 from daemon.runtime.systemd import Notifier, Progress
 from daemon.runtime.wiring import build_parts, make_transport
-from daemon.scheduler import Scheduler
 from daemon.store.migrations import migrate
 from daemon.store.pool import DAEMON_POOL_SIZE, create_pool, dsn_warnings
 from daemon.upstream.render import Renderer
@@ -49,7 +49,7 @@ from daemon.version import version
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from daemon.config import Settings
+    from daemon.settings.config import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from daemon.upstream.resend import ResendTransport
 if TYPE_CHECKING:
     import httpx
 
-    from daemon.config import Settings
+    from daemon.settings.config import Settings
     from daemon.upstream.resend import Transport
 
 

@@ -1,7 +1,7 @@
 """The outbox's SQL: batches of ``seatwatch_outbox`` rows, leased, sent, retried, failed and purged.
 
 Each function is one or two statements on a connection the caller holds (inside its transaction when the
-statements must go together); the policy (when to retry, split or give up) is ``daemon.outbox``'s.
+statements must go together); the policy (when to retry, split or give up) is ``daemon.checks.outbox``'s.
 """
 
 from __future__ import annotations

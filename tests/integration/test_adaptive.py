@@ -19,9 +19,9 @@ import pytest
 from daemon.adaptive.gate import Gate, MeteredScraper
 from daemon.adaptive.limit import AdaptiveLimit
 from daemon.adaptive.taker import Taker, make_limit
-from daemon.config import Settings
+from daemon.checks.pipeline import Pipeline
+from daemon.cron.scheduler import Scheduler
 from daemon.keys import Keys
-from daemon.pipeline import Pipeline
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
@@ -29,7 +29,7 @@ from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.runtime.metrics import Metrics
 from daemon.runtime.schedule import CronWatch
-from daemon.scheduler import Scheduler
+from daemon.settings.config import Settings
 from daemon.store import adaptive_queries as aq
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper

@@ -180,8 +180,8 @@ async def test_status_shows_the_postgres_clients_each_daemon_and_command_holds(e
 
 async def test_the_daemons_pool_is_fixed_whatever_the_concurrency(env: dict[str, str]) -> None:
     """With SEATWATCH_CONCURRENCY=auto (32 in flight) the daemon's pool still holds at most 5 connections."""
-    from daemon.config import Settings
     from daemon.runtime.supervisor import Daemon
+    from daemon.settings.config import Settings
 
     settings = Settings.from_env({**env, "SEATWATCH_CONCURRENCY": "auto"})
     daemon = Daemon(settings)

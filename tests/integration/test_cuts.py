@@ -20,9 +20,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.cron import slot_id
+from daemon.checks.outbox import OutboxSender
+from daemon.cron.slots import slot_id
 from daemon.keys import Keys
-from daemon.outbox import OutboxSender
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.scripts import source
 from daemon.runtime.metrics import Metrics

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis.asyncio as aioredis
 
-from daemon.cron import group_for, slot_id
+from daemon.cron.slots import group_for, slot_id
 from daemon.keys import Keys
 from tests.support.procs import Daemons, NotifySocket, quiet_cron, run_cli, stub_env
 from tests.support.proxy import postgres_proxy, redis_proxy
@@ -168,10 +168,10 @@ async def test_two_daemons_run_each_slot_once(
     await asyncio.sleep(1.5)
     assert sorted(d.message["to"][0] for d in resend.deliveries) == sorted(f"s{c}-0@example.edu" for c in sections)
     ticked = [
-        line.split("daemon.scheduler: tick ")[1].split(" ")[0]
+        line.split("daemon.cron.scheduler: tick ")[1].split(" ")[0]
         for proc in daemons.started
         for line in proc.logs().splitlines()
-        if "daemon.scheduler: tick " in line
+        if "daemon.cron.scheduler: tick " in line
     ]
     assert ticked
     assert len(ticked) == len(set(ticked)), ticked  # no slot ran twice

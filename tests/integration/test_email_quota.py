@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from daemon.outbox import OutboxSender, quota_reset
+from daemon.checks.outbox import OutboxSender, quota_reset
 from daemon.runtime.metrics import Metrics
 from daemon.store import outbox_queries
 from daemon.upstream.resend import ResendTransport

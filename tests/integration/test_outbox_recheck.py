@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Final
 import httpx
 import pytest
 
-from daemon.consumer import Ticket
+from daemon.checks.consumer import Ticket
+from daemon.checks.outbox import OutboxSender
+from daemon.checks.pipeline import Pipeline
 from daemon.jobs import Job
-from daemon.outbox import OutboxSender
-from daemon.pipeline import Pipeline
 from daemon.runtime.metrics import Metrics
 from daemon.store import db
 from daemon.upstream.render import Renderer

@@ -10,11 +10,11 @@ import httpx
 import orjson
 import pytest
 
-from daemon.consumer import Ticket
+from daemon.checks.consumer import Ticket
+from daemon.checks.outbox import OutboxSender
+from daemon.checks.pipeline import Pipeline
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Job
-from daemon.outbox import OutboxSender
-from daemon.pipeline import Pipeline
 from daemon.runtime.metrics import Metrics
 from daemon.store.pool import create_pool
 from daemon.upstream.render import Renderer, unsubscribe_token

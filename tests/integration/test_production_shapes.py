@@ -15,8 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from daemon.checks.outbox import OutboxSender
 from daemon.detect import Observation
-from daemon.outbox import OutboxSender
 from daemon.runtime.metrics import Metrics
 from daemon.store import db
 from daemon.store.migrations import migrate, migrations

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from daemon.pruner import Pruner
+from daemon.checks.pruner import Pruner
 from daemon.store import prune_queries
 from tests.support.procs import run_cli
 from tests.support.seed import add_user, add_watch, clear

@@ -10,17 +10,17 @@ import anyio
 import httpx
 import pytest
 
-from daemon.consumer import Consumer, Ticket
-from daemon.cron import slot_id
+from daemon.checks.consumer import Consumer, Ticket
+from daemon.checks.outbox import OutboxSender
+from daemon.checks.settlement import _Unsent
+from daemon.cron.scheduler import Scheduler, enqueue_under
+from daemon.cron.slots import slot_id
 from daemon.jobs import Done, Malformed
-from daemon.outbox import OutboxSender
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.clients import RedisClients
 from daemon.primitives.lock import CronLock
 from daemon.primitives.queue import Queue
 from daemon.runtime.metrics import Metrics
-from daemon.scheduler import Scheduler, enqueue_under
-from daemon.settlement import _Unsent
 from daemon.upstream.resend import ResendTransport
 from tests.support.proxy import redis_proxy
 from tests.support.queued import stream_sections

@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.consumer import Ticket
+from daemon.checks.consumer import Ticket
+from daemon.checks.pipeline import Pipeline
 from daemon.errors import RetryableJobError
 from daemon.jobs import Job
-from daemon.pipeline import Pipeline
 from daemon.runtime.metrics import Metrics
 from daemon.upstream.render import Renderer
 from daemon.upstream.scraper import Scraper

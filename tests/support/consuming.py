@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from daemon.consumer import Consumer, Handler, Ticket
+from daemon.checks.consumer import Consumer, Handler, Ticket
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.consumer import Consumer, Ticket
+from daemon.checks.consumer import Consumer, Ticket
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import RedisClients

@@ -13,7 +13,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from daemon.config import (
+from daemon.cron.slots import shortest_cron_gap_s
+from daemon.errors import ConfigError
+from daemon.secret import redact_url
+from daemon.settings.config import (
     NEEDS_ALL,
     NEEDS_DATABASE,
     NEEDS_REDIS,
@@ -21,9 +24,6 @@ from daemon.config import (
     Settings,
     secret_values,
 )
-from daemon.cron import shortest_cron_gap_s
-from daemon.errors import ConfigError
-from daemon.secret import redact_url
 from daemon.upstream.scraper import scrape_url
 
 DB_PASSWORD = "pg-pass-5e1f"

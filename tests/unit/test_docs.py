@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import logs
+from daemon.settings import logs
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 

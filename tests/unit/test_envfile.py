@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon import envfile
+from daemon.settings import envfile
 
 
 def test_comments_blank_lines_and_lines_without_equals_are_ignored() -> None:
@@ -66,7 +66,7 @@ def test_a_comment_line_may_continue_with_a_backslash() -> None:
 
 def test_which_variables_name_settings() -> None:
     """A setting, its NAME_FILE or any SEATWATCH_ variable names settings; CREDENTIALS_DIRECTORY and PATH do not."""
-    from daemon.service_env import names_settings
+    from daemon.settings.service_env import names_settings
 
     assert not names_settings({"PATH": "/usr/bin", "CREDENTIALS_DIRECTORY": "/run/credentials/x", "HOME": "/root"})
     assert not names_settings({"SEATWATCH_INSTALL_ROOT": "/tmp/stage", "DATABASE_URL": " "})

@@ -23,7 +23,7 @@ def test_installer_parses_as_python_3_8() -> None:
     """The host's python3 may be 3.8 (it only has to run the installer): no newer syntax in the file."""
     ast.parse(INSTALLER.read_text(), feature_version=(3, 8))
     # The env-file reader the installer borrows from the checkout (purge names the Redis prefix with it).
-    ast.parse((INSTALLER.parents[1] / "daemon" / "envfile.py").read_text(), feature_version=(3, 8))
+    ast.parse((INSTALLER.parents[1] / "daemon" / "settings" / "envfile.py").read_text(), feature_version=(3, 8))
 
 
 def make_release(root: Path, name: str) -> None:

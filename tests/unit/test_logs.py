@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from daemon import logs
+from daemon.settings import logs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.cron import group_for, latest_slot, next_slot, slot_id
+from daemon.cron.slots import group_for, latest_slot, next_slot, slot_id
 
 PHOENIX = ZoneInfo("America/Phoenix")
 NEW_YORK = ZoneInfo("America/New_York")

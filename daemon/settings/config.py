@@ -22,10 +22,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 from croniter import croniter
 
-from daemon.cron import shortest_cron_gap_s
-from daemon.envreader import EnvReader
+from daemon.cron.slots import shortest_cron_gap_s
 from daemon.errors import ConfigError
 from daemon.secret import Secret, redact_url, url_passwords
+from daemon.settings.envreader import EnvReader
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -28,7 +28,7 @@ from daemon.errors import (
     StoreUnavailable,
     error_name,
 )
-from daemon.logs import mask_email
+from daemon.settings.logs import mask_email
 from daemon.store import db
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
-    from daemon.consumer import Ticket
+    from daemon.checks.consumer import Ticket
     from daemon.runtime.metrics import Metrics
     from daemon.upstream.render import Renderer
     from daemon.upstream.scraper import Scraper

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from daemon.backoff import Backoff, Outage, retry_delay_s
+from daemon.checks.settlement import Settlement
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Done, Job, Malformed
 from daemon.primitives.clients import REDIS_ERRORS
-from daemon.settlement import Settlement
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

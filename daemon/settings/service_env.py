@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from daemon import envfile
 from daemon.errors import ConfigError
+from daemon.settings import envfile
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -19,7 +19,7 @@ import anyio
 import orjson
 
 from daemon.backoff import Backoff
-from daemon.cron import group_for, latest_slot, next_slot, slot_id
+from daemon.cron.slots import group_for, latest_slot, next_slot, slot_id
 from daemon.errors import LockBusy, SlotDone
 from daemon.jobs import usable_section
 from daemon.primitives.clients import REDIS_ERRORS
