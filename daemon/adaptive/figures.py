@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from daemon.adaptive import plan as planner
 from daemon.adaptive.limit import AdaptiveLimit
@@ -36,16 +36,6 @@ PACE_MARGIN: Final = 0.97
 # is 0.04 a check. The horizon is what that many take at this daemon's share of the pace, within the cap.
 CHECKS_PER_CALL: Final = 150
 HORIZON_CAP_S: Final = 120.0  # never hold slots further ahead (new hot sections wait at most this)
-
-
-class Progress(Protocol):
-    """What the loops tell the watchdog (``runtime.systemd.Progress`` is one): when they will be back."""
-
-    def expect(self, loop: str, within_s: float) -> None:
-        """``loop`` promises to report again within ``within_s``."""
-
-    def done(self, loop: str) -> None:
-        """``loop`` ended on purpose."""
 
 
 class AdaptiveKeys:

@@ -35,12 +35,12 @@ from daemon.store import db
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import asyncpg
-
-    from daemon.adaptive.figures import Figures, Progress, RedisClock, Timing
+    from daemon.adaptive.figures import Figures, RedisClock, Timing
     from daemon.adaptive.gate import Gate
     from daemon.primitives.clients import Usage
     from daemon.settings.config import Settings
+    from daemon.store.pool import Pool
+    from daemon.telemetry import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Replanner:
         *,
         settings: Settings,
         usage: Usage,
-        pool: asyncpg.Pool,
+        pool: Pool,
         gate: Gate,
         timing: Timing,
         figures: Figures,

@@ -47,11 +47,9 @@ from daemon.store import adaptive_queries as q
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import asyncpg
     from anyio.abc import TaskGroup
 
     from daemon.adaptive import plan as planner
-    from daemon.adaptive.figures import Progress
     from daemon.adaptive.gate import Gate
     from daemon.adaptive.limit import Limit
     from daemon.checks.pipeline import Pipeline
@@ -60,6 +58,8 @@ if TYPE_CHECKING:
     from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts
     from daemon.settings.config import Settings
+    from daemon.store.pool import Pool
+    from daemon.telemetry import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Taker:
         keys: Keys,
         scripts: Scripts,
         breaker: BreakerConfig,
-        pool: asyncpg.Pool,
+        pool: Pool,
         pipeline: Pipeline,
         gate: Gate,
         progress: Progress | None = None,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from daemon.primitives.breaker import BreakerState, OutcomeKind
     from daemon.primitives.queue import CycleResult, Queue, QueueStats
-    from daemon.runtime.systemd import Progress
+    from daemon.telemetry import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -52,10 +52,8 @@ from daemon.upstream.resend import BATCH_LIMIT, OutgoingEmail
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import asyncpg
-
-    from daemon.runtime.metrics import Metrics
-    from daemon.runtime.systemd import Progress
+    from daemon.store.pool import Connection, Pool
+    from daemon.telemetry import Metrics, Progress
     from daemon.upstream.resend import Transport
 
 logger = logging.getLogger(__name__)
@@ -102,7 +100,7 @@ class OutboxSender:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         transport: Transport,
         metrics: Metrics,
         *,
@@ -306,7 +304,7 @@ class OutboxSender:
             await queries.create_batch(conn, key, ids, LEASE_S, self.owner)
             return await self._load(conn, key, 1, 0.0, False)
 
-    async def _load(self, conn: asyncpg.Connection, key: str, attempts: int, age_s: float, ambiguous: bool) -> Batch:
+    async def _load(self, conn: Connection, key: str, attempts: int, age_s: float, ambiguous: bool) -> Batch:
         rows = await queries.batch_rows(conn, key)
         return Batch(
             key=key,

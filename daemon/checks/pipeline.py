@@ -34,10 +34,9 @@ from daemon.store import db
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import asyncpg
-
     from daemon.checks.consumer import Ticket
-    from daemon.runtime.metrics import Metrics
+    from daemon.store.pool import Connection, Pool
+    from daemon.telemetry import Metrics
     from daemon.upstream.render import Renderer
     from daemon.upstream.scraper import Scraper
 
@@ -62,7 +61,7 @@ class Pipeline:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pool: Pool,
         scraper: Scraper,
         renderer: Renderer,
         metrics: Metrics,
@@ -165,9 +164,7 @@ class Pipeline:
             faults.point("after_commit")
         return result
 
-    async def _record(
-        self, conn: asyncpg.Connection, term: str, class_nbr: str, observation: Observation
-    ) -> SectionResult:
+    async def _record(self, conn: Connection, term: str, class_nbr: str, observation: Observation) -> SectionResult:
         previous = await db.observe(conn, term, class_nbr, observation.row())
         faults.point("after_observe")
         changes = detect(previous, observation)

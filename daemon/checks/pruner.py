@@ -16,7 +16,7 @@ from daemon.errors import StoreUnavailable, error_name
 from daemon.store import prune_queries
 
 if TYPE_CHECKING:
-    import asyncpg
+    from daemon.store.pool import Pool
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ FIRST_AFTER_S: Final = 300.0  # not in the busy first minutes after a start
 class Pruner:
     """Runs the retention rules every ``every_s`` until ``stopping``."""
 
-    def __init__(self, pool: asyncpg.Pool, *, every_s: float = EVERY_S, first_after_s: float = FIRST_AFTER_S) -> None:
+    def __init__(self, pool: Pool, *, every_s: float = EVERY_S, first_after_s: float = FIRST_AFTER_S) -> None:
         self.pool = pool
         self.every_s = every_s
         self.first_after_s = first_after_s

@@ -29,12 +29,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from zoneinfo import ZoneInfo
 
-    import asyncpg
-
     from daemon.primitives.lock import CronLock, Grant
     from daemon.primitives.queue import Queue
-    from daemon.runtime.metrics import Metrics
-    from daemon.runtime.systemd import Progress
+    from daemon.store.pool import Pool
+    from daemon.telemetry import Metrics, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ class TickResult:
         }
 
 
-async def enqueue_under(grant: Grant, pool: asyncpg.Pool, queue: Queue, group: str, slot: str | None) -> TickResult:
+async def enqueue_under(grant: Grant, pool: Pool, queue: Queue, group: str, slot: str | None) -> TickResult:
     """Read the group's sections and enqueue them, fenced by ``grant``. The caller holds the lock."""
     started = time.perf_counter()
     sections = await db.sections_to_check(pool, group)
@@ -113,7 +111,7 @@ class Scheduler:
         grace_s: float,
         lock: CronLock,
         queue: Queue,
-        pool: asyncpg.Pool,
+        pool: Pool,
         metrics: Metrics,
         progress: Progress | None = None,
         now: Callable[[], float] = time.time,

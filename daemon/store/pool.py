@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -27,6 +27,10 @@ from daemon.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+# The pool as the work loops name it in their annotations, so they import no driver (lint-imports); its
+# connections are the ``Connection`` below.
+Pool: TypeAlias = asyncpg.Pool
 
 TRANSACTION_POOLER_PORT: Final = 6543
 STATEMENT_CACHE_PARAM: Final = "statement_cache_size"
