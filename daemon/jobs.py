@@ -92,7 +92,11 @@ def parse_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | dict[str, st
     attempts, enqueued = raw.get(b"attempts", b"0"), raw.get(b"enqueued_ms", b"0")
     if not (_WHOLE.fullmatch(attempts) and _WHOLE.fullmatch(enqueued)):
         return malformed(NOT_WHOLE)
-    if int(attempts) > MAX_ATTEMPTS_FIELD or int(enqueued) > MAX_ENQUEUED_MS:
+    # Digits counted before their value, as q_not_a_job does: "00001" and a zero-padded time are out of range
+    # on both paths, and a time past 2^53 is too (Lua compares it as digits, never as a rounded double).
+    if len(attempts) > 4 or int(attempts) > MAX_ATTEMPTS_FIELD:
+        return malformed(OUT_OF_RANGE)
+    if len(enqueued) > 16 or int(enqueued) > MAX_ENQUEUED_MS:
         return malformed(OUT_OF_RANGE)
     job_id = (term + b"-" + class_nbr).decode("ascii")
     return Job(eid, job_id, term.decode("ascii"), class_nbr.decode("ascii"), int(attempts), int(enqueued))

@@ -21,7 +21,7 @@ from daemon.primitives import queue as queue_module
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.queue import Queue
 from tests.support.consuming import Recorder, consuming, drained, make_consumer, pending_count
-from tests.support.entries import MALFORMED, fields
+from tests.support.entries import MALFORMED, VALID, fields
 from tests.support.queued import delayed_sections, stream_sections
 from tests.support.wait import eventually
 
@@ -668,7 +668,7 @@ async def test_every_malformed_entry_gets_the_same_reason_on_both_read_paths(
     await queue.ensure_group()
     admin = redis_clients.client("admin")
     # XADD needs at least one field, so the table's empty entry travels with an unrelated one.
-    table = [(entry or {"other": "x"}, reason) for entry, reason in MALFORMED] + [(fields(), None)]
+    table = [(entry or {"other": "x"}, reason) for entry, reason in MALFORMED] + [(f, None) for f in [fields(), *VALID]]
     for entry, reason in table:
         await admin.xadd(keys.stream, entry)  # type: ignore[arg-type]
         (read,) = await queue.read(1, 0.1)

@@ -33,4 +33,17 @@ MALFORMED: list[tuple[dict[str, str], str]] = [
     (fields(attempts="-1"), "malformed entry: attempts or enqueued_ms is not a whole number"),
     (fields(attempts="1001"), "malformed entry: attempts or enqueued_ms out of range"),
     (fields(enqueued_ms=str(2**64)), "malformed entry: attempts or enqueued_ms out of range"),
+    # Python and Lua once disagreed on these (Lua counted digits, Python read the value; Lua rounded past 2^53).
+    (fields(attempts="00001"), "malformed entry: attempts or enqueued_ms out of range"),
+    (fields(enqueued_ms="0" * 4 + "1736960000000"), "malformed entry: attempts or enqueued_ms out of range"),
+    (fields(enqueued_ms=str(2**53 + 1)), "malformed entry: attempts or enqueued_ms out of range"),
+    (fields(enqueued_ms="9999999999999999"), "malformed entry: attempts or enqueued_ms out of range"),
+]
+
+# Entries at the edges of the range that are jobs on both paths.
+VALID: list[dict[str, str]] = [
+    fields(attempts="1000"),
+    fields(attempts="0"),
+    fields(enqueued_ms=str(2**53)),
+    fields(enqueued_ms="0001736960000000"),
 ]

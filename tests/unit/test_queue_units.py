@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from daemon.backoff import retry_delay_s
 from daemon.jobs import Done, Job, Malformed, parse_entry
-from tests.support.entries import MALFORMED, fields
+from tests.support.entries import MALFORMED, VALID, fields
 
 ENTRY = "1736960000000-0"
 WIRE_FIELDS = ("entry_id", "id", "action", "delay_ms", "term", "class_nbr", "attempts", "enqueued_ms", "error", "raw")
@@ -39,6 +39,12 @@ def test_parse_malformed(entry_fields: dict[str, str], reason: str) -> None:
     """Entries that are not jobs become Malformed with the reason, keeping the raw fields."""
     result = parse_entry(ENTRY, entry_fields)
     assert result == Malformed(ENTRY, entry_fields, reason)
+
+
+@pytest.mark.parametrize("entry_fields", VALID)
+def test_parse_valid_at_the_edges(entry_fields: dict[str, str]) -> None:
+    """Entries at the edges of the range (1000 attempts, 2^53 ms, 16 digits) are jobs."""
+    assert isinstance(parse_entry(ENTRY, entry_fields), Job)
 
 
 @given(

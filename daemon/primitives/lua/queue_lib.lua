@@ -57,7 +57,9 @@ local function q_not_a_job(f)
     if not (string.find(attempts, '^%d+$') and string.find(enqueued, '^%d+$')) then
         return 'malformed entry: attempts or enqueued_ms is not a whole number'
     end
-    if #attempts > 4 or tonumber(attempts) > 1000 or #enqueued > 16 or tonumber(enqueued) > 9007199254740992 then
+    -- enqueued_ms past 2^53 compared as 16 digits: tonumber would round 9007199254740993 down to 2^53.
+    if #attempts > 4 or tonumber(attempts) > 1000 or #enqueued > 16
+        or (#enqueued == 16 and enqueued > '9007199254740992') then
         return 'malformed entry: attempts or enqueued_ms out of range'
     end
     return nil
