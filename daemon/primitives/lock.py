@@ -7,19 +7,14 @@ and been granted again can be refused: the queue's enqueue checks it). A lock he
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from daemon.errors import LockBusy, SlotDone
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from daemon.keys import Keys
     from daemon.primitives.clients import CountingRedis
     from daemon.primitives.scripts import Scripts
@@ -107,16 +102,6 @@ class CronLock:
         if not released:
             logger.warning("cron lock had expired or changed hands before release (fence %d)", grant.fence)
         return released
-
-    @contextlib.asynccontextmanager
-    async def held(self) -> AsyncIterator[Grant]:
-        """``async with lock.held() as grant:`` for the common case; released even on cancellation."""
-        grant = await self.acquire()
-        try:
-            yield grant
-        finally:
-            with anyio.move_on_after(10, shield=True):
-                await self.release(grant)
 
     async def status(self) -> LockStatus:
         """The lock now, and the last tick's summary; one script call."""
