@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from daemon import faults
 from tests.support.ledger import settled
 from tests.support.procs import DaemonProcess, Daemons, daemon_env, quiet_cron
 from tests.support.seed import add_legacy_state, add_user, add_watch, clear
@@ -68,19 +69,7 @@ async def restart_and_check_ledger(
     return again
 
 
-PIPELINE_POINTS = [
-    "after_scrape",
-    "after_observe",
-    "after_claim",
-    "after_outbox_insert",
-    "before_commit",
-    "after_commit",
-    "before_ack",
-]
-OUTBOX_POINTS = ["batch_formed", "reply_received"]
-
-
-@pytest.mark.parametrize("point", PIPELINE_POINTS + OUTBOX_POINTS)
+@pytest.mark.parametrize("point", sorted(faults.POINTS))
 async def test_sigkill_at_a_fault_point_then_restart_delivers_each_owed_email_once(
     point: str,
     pool: asyncpg.Pool,
