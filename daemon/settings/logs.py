@@ -162,10 +162,12 @@ def configure(*, fmt: str = "text", level: str = "info", secrets: Iterable[str] 
     """Send every log record to stdout in the chosen format, scrubbing ``secrets``."""
     scrub = _Scrubber(secrets)
     handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    # One rule for both formats: the stream is the journal when JOURNAL_STREAM names its device and inode.
+    journal = stdout_is_journal(handler.stream)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(scrub, journal=stdout_is_journal(handler.stream)))
+        handler.setFormatter(JsonFormatter(scrub, journal=journal))
     else:
-        handler.setFormatter(JournalFormatter(scrub, timestamps="JOURNAL_STREAM" not in os.environ))
+        handler.setFormatter(JournalFormatter(scrub, timestamps=not journal))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import pytest
 
@@ -37,13 +37,20 @@ def restore_logging() -> Iterator[None]:
         logging.getLogger(name).setLevel(old)
 
 
-@pytest.fixture
-def journal(restore_logging: None, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
-    """Text format as under journald (JOURNAL_STREAM set: no timestamps), every level shown."""
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
-    stream = io.StringIO()
-    logs.configure(fmt="text", level="debug", secrets=[SECRET], stream=stream)
+def on_the_journal(path: Path, monkeypatch: pytest.MonkeyPatch) -> TextIO:
+    """A real file standing where the journal's stdout socket stands: JOURNAL_STREAM names its device:inode."""
+    stream = path.open("w+", encoding="utf-8")
+    info = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
     return stream
+
+
+@pytest.fixture
+def journal(restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TextIO]:
+    """Text format with stdout the journal (JOURNAL_STREAM names it: no timestamps), every level shown."""
+    with on_the_journal(tmp_path / "journal", monkeypatch) as stream:
+        logs.configure(fmt="text", level="debug", secrets=[SECRET], stream=stream)
+        yield stream
 
 
 @pytest.fixture
@@ -53,8 +60,15 @@ def json_stream(restore_logging: None) -> io.StringIO:
     return stream
 
 
-def lines(stream: io.StringIO) -> list[str]:
-    return stream.getvalue().splitlines()
+def text(stream: TextIO) -> str:
+    if isinstance(stream, io.StringIO):
+        return stream.getvalue()
+    stream.seek(0)
+    return stream.read()
+
+
+def lines(stream: TextIO) -> list[str]:
+    return text(stream).splitlines()
 
 
 def fail_with(message: str) -> None:
@@ -71,7 +85,7 @@ def fail_with(message: str) -> None:
         (logging.DEBUG, "<7>"),
     ],
 )
-def test_journal_priority_prefix(journal: io.StringIO, level: int, prefix: str) -> None:
+def test_journal_priority_prefix(journal: TextIO, level: int, prefix: str) -> None:
     """Each level maps to its syslog priority: critical 2, error 3, warning 4, info 6, debug 7."""
     logging.getLogger(LOGGER).log(level, "job %s done", "2261-12431")
     assert lines(journal) == [f"{prefix}{LOGGER}: job 2261-12431 done"]
@@ -83,7 +97,7 @@ def test_priority_of_custom_levels(levelno: int, expected: int) -> None:
     assert logs.priority(levelno) == expected
 
 
-def test_traceback_lines_all_prefixed(journal: io.StringIO) -> None:
+def test_traceback_lines_all_prefixed(journal: TextIO) -> None:
     """Every line of a traceback carries the record's priority prefix, so journald keeps it one priority."""
     try:
         fail_with("boom")
@@ -97,7 +111,7 @@ def test_traceback_lines_all_prefixed(journal: io.StringIO) -> None:
     assert out[-1] == f"<3>{LOGGER}: ValueError: boom"
 
 
-def test_warning_traceback_keeps_warning_priority(journal: io.StringIO) -> None:
+def test_warning_traceback_keeps_warning_priority(journal: TextIO) -> None:
     """A traceback logged at warning is prefixed <4> on every line."""
     try:
         fail_with("soft")
@@ -108,13 +122,13 @@ def test_warning_traceback_keeps_warning_priority(journal: io.StringIO) -> None:
     assert all(line.startswith("<4>") for line in out)
 
 
-def test_multiline_message_prefixed(journal: io.StringIO) -> None:
+def test_multiline_message_prefixed(journal: TextIO) -> None:
     """A message spanning lines is prefixed on each line."""
     logging.getLogger(LOGGER).info("first\nsecond\nthird")
     assert lines(journal) == [f"<6>{LOGGER}: first", f"<6>{LOGGER}: second", f"<6>{LOGGER}: third"]
 
 
-def test_stack_info_lines_prefixed(journal: io.StringIO) -> None:
+def test_stack_info_lines_prefixed(journal: TextIO) -> None:
     """stack_info output is prefixed on every line too."""
     logging.getLogger(LOGGER).info("where am I", stack_info=True)
     out = lines(journal)
@@ -122,8 +136,8 @@ def test_stack_info_lines_prefixed(journal: io.StringIO) -> None:
     assert all(line.startswith(f"<6>{LOGGER}: ") for line in out)
 
 
-def test_no_timestamp_under_journald(journal: io.StringIO) -> None:
-    """With JOURNAL_STREAM set (journald adds its own), lines carry no timestamp."""
+def test_no_timestamp_under_journald(journal: TextIO) -> None:
+    """With stdout the journal (journald adds its own), lines carry no timestamp."""
     logging.getLogger(LOGGER).info("hello")
     assert lines(journal) == [f"<6>{LOGGER}: hello"]
 
@@ -140,17 +154,29 @@ def test_timestamp_without_journald(restore_logging: None, monkeypatch: pytest.M
     assert all(pattern.fullmatch(line) for line in out), out
 
 
-def test_level_filters(restore_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """configure(level=...) drops records below the level."""
-    monkeypatch.setenv("JOURNAL_STREAM", "1:1")
+def test_timestamp_when_an_inherited_journal_stream_names_another_file(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text follows the same rule as JSON: a JOURNAL_STREAM that does not name stdout (a child whose output
+    was redirected inherits it) still gets timestamps."""
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
     stream = io.StringIO()
-    logs.configure(fmt="text", level="warning", stream=stream)
-    logging.getLogger(LOGGER).info("quiet")
-    logging.getLogger(LOGGER).error("loud")
-    assert lines(stream) == [f"<3>{LOGGER}: loud"]
+    logs.configure(fmt="text", level="info", stream=stream)
+    logging.getLogger(LOGGER).warning("hello")
+    pattern = re.compile(r"<4>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 WARNING daemon\.test: hello")
+    assert [line for line in lines(stream) if pattern.fullmatch(line)] == lines(stream) != []
 
 
-def test_library_chatter_quieted(journal: io.StringIO) -> None:
+def test_level_filters(restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure(level=...) drops records below the level."""
+    with on_the_journal(tmp_path / "journal", monkeypatch) as stream:
+        logs.configure(fmt="text", level="warning", stream=stream)
+        logging.getLogger(LOGGER).info("quiet")
+        logging.getLogger(LOGGER).error("loud")
+        assert lines(stream) == [f"<3>{LOGGER}: loud"]
+
+
+def test_library_chatter_quieted(journal: TextIO) -> None:
     """httpx info chatter is not logged even at debug level."""
     logging.getLogger("httpx").info("HTTP Request: POST ...")
     logging.getLogger("httpx").warning("something real")
@@ -190,29 +216,29 @@ def test_json_exception(json_stream: io.StringIO) -> None:
     assert event["exc"].endswith("ValueError: kaput")
 
 
-def test_secret_scrubbed_from_text_message(journal: io.StringIO) -> None:
+def test_secret_scrubbed_from_text_message(journal: TextIO) -> None:
     """A configured secret never reaches the output of a message."""
     logging.getLogger(LOGGER).info("token is %s", SECRET)
-    out = journal.getvalue()
+    out = text(journal)
     assert SECRET not in out
     assert "token is **********" in out
 
 
-def test_secret_scrubbed_from_traceback(journal: io.StringIO) -> None:
+def test_secret_scrubbed_from_traceback(journal: TextIO) -> None:
     """A configured secret inside an exception message is scrubbed from the traceback."""
     try:
         fail_with(f"bad header Authorization: Bearer {SECRET}")
     except ValueError:
         logging.getLogger(LOGGER).exception("request failed")
-    out = journal.getvalue()
+    out = text(journal)
     assert SECRET not in out
     assert "Bearer **********" in out
 
 
-def test_url_password_scrubbed_without_being_configured(journal: io.StringIO) -> None:
+def test_url_password_scrubbed_without_being_configured(journal: TextIO) -> None:
     """A password inside any URL is scrubbed even when it is not a configured secret."""
     logging.getLogger(LOGGER).error("cannot reach %s", "rediss://default:unlisted-pw-42@eu1.upstash.io:6379")
-    out = journal.getvalue()
+    out = text(journal)
     assert "unlisted-pw-42" not in out
     assert "rediss://default:***@eu1.upstash.io:6379" in out
 
@@ -231,13 +257,12 @@ def test_json_scrubs_message_and_exception(json_stream: io.StringIO) -> None:
     assert "postgresql://app:***@db/x **********" in event["exc"]
 
 
-def test_overlapping_secrets_scrubbed(restore_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overlapping_secrets_scrubbed(restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When one secret contains another, the longer is scrubbed whole and no fragment remains."""
-    monkeypatch.setenv("JOURNAL_STREAM", "1:1")
-    stream = io.StringIO()
-    logs.configure(fmt="text", secrets=["abcd", "xxabcdyy"], stream=stream)
-    logging.getLogger(LOGGER).info("key xxabcdyy and abcd")
-    assert lines(stream) == [f"<6>{LOGGER}: key ********** and **********"]
+    with on_the_journal(tmp_path / "journal", monkeypatch) as stream:
+        logs.configure(fmt="text", secrets=["abcd", "xxabcdyy"], stream=stream)
+        logging.getLogger(LOGGER).info("key xxabcdyy and abcd")
+        assert lines(stream) == [f"<6>{LOGGER}: key ********** and **********"]
 
 
 @pytest.mark.parametrize(
@@ -283,12 +308,8 @@ def test_json_lines_are_bare_json_when_stdout_is_not_the_journal(
     assert json.loads(line)["priority"] == 4
 
 
-def test_asyncpg_pool_floor_noise_is_one_warning_per_outage(
-    restore_logging: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_asyncpg_pool_floor_noise_is_one_warning_per_outage(journal: TextIO) -> None:
     """asyncpg's "Failed to restore the pool connection floor" is one warning line an outage, no traceback."""
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
-    journal = io.StringIO()
     logs.configure(fmt="text", level="info", stream=journal)
     pool_logger = logging.getLogger("asyncpg.pool")
 
