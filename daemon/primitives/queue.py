@@ -8,7 +8,7 @@ an index. Enqueue skips a section while it waits, runs or waits for a retry; ``c
 entries, records their breaker outcomes and admits new entries in one atomic script call; ``maintain``
 promotes due retries and requeues entries nobody acknowledged within the visibility timeout (a consumer
 working through a long batch keeps its entries with ``heartbeat``). The runtime that drives it is
-``daemon.checks.consumer``; what a job is and how it travels to Lua is ``daemon.jobs``.
+``daemon.checks.consumer``; what a job is: ``daemon.jobs``; how it travels to Lua: ``queue_wire``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import redis.exceptions
 
-from daemon.jobs import Done, EntryWire, Job, Malformed, job_from_wire, job_wire, parse_stream_entry
+from daemon.jobs import Done, Job, Malformed
 from daemon.primitives.breaker import BreakerConfig, BreakerState, trial_list
+from daemon.primitives.queue_wire import EntryWire, done_wire, job_from_wire, job_wire, parse_stream_entry
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -220,7 +221,7 @@ class Queue:
         settle: dict[str, EntryWire] = {}
         for d in done:
             eid = d.job.entry_id
-            settle.setdefault(eid, {"entry_id": eid, "jobs": []})["jobs"].append(d.wire())
+            settle.setdefault(eid, {"entry_id": eid, "jobs": []})["jobs"].append(done_wire(d))
         payload = {
             "cfg": cfg,
             "outcomes": [list(o) for o in outcomes],

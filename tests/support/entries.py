@@ -1,6 +1,6 @@
 """The table of stream entries that are not jobs, and why: one rule, run through both read paths.
 
-``jobs.parse_entry`` (the blocking read, in Python) and ``q_not_a_job`` (the cycle script, in Lua) must give
+``queue_wire.parse_entry`` (the blocking read, in Python) and ``q_not_a_job`` (the cycle script, in Lua) must give
 the same reason for each; tests/unit/test_queue_units.py runs the table through the first, and
 tests/integration/test_queue.py through a real Redis, both paths.
 """

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.backoff import retry_delay_s
-from daemon.jobs import Done, Job, Malformed, parse_entry
+from daemon.jobs import Done, Job, Malformed
+from daemon.primitives.queue_wire import done_wire, parse_entry
 from tests.support.entries import MALFORMED, VALID, fields
 
 ENTRY = "1736960000000-0"
@@ -96,21 +97,21 @@ JOB = Job(ENTRY, "2261-12431", "2261", "12431", 1, 1736960000000)
 )
 def test_done_wire_for_jobs(done: Done, expected: list[object]) -> None:
     """A settled job is {entry_id, id, action, delay_ms, term, class_nbr, attempts, enqueued_ms, error, raw: ''}."""
-    assert done.wire() == dict(zip(WIRE_FIELDS, expected, strict=True))
+    assert done_wire(done) == dict(zip(WIRE_FIELDS, expected, strict=True))
 
 
 def test_done_wire_for_malformed() -> None:
     """A malformed entry is sent as poison with its raw fields as JSON, whatever action was asked."""
     raw = {"id": "x", "junk": "y"}
     done = Done(Malformed(ENTRY, raw, "malformed entry: no term or class_nbr"), "poison", error="no term")
-    wire: dict[str, object] = dict(done.wire())
+    wire: dict[str, object] = dict(done_wire(done))
     assert [wire[f] for f in WIRE_FIELDS[:9]] == [ENTRY, "x", "poison", 0, "", "", 0, 0, "no term"]
     assert json.loads(str(wire["raw"])) == raw
 
 
 def test_done_wire_for_malformed_without_id() -> None:
     """A malformed entry without an id field is sent with an empty id."""
-    wire = Done(Malformed(ENTRY, {}, "malformed entry: no term or class_nbr"), "poison").wire()
+    wire = done_wire(Done(Malformed(ENTRY, {}, "malformed entry: no term or class_nbr"), "poison"))
     assert wire["id"] == ""
     assert json.loads(wire["raw"]) == {}
 
@@ -118,15 +119,15 @@ def test_done_wire_for_malformed_without_id() -> None:
 @given(delay_s=st.floats(min_value=0, max_value=86400))
 def test_done_delay_in_whole_ms(delay_s: float) -> None:
     """The delay goes to the script as a whole number of milliseconds, never more than asked."""
-    delay_ms = Done(JOB, "retry", delay_s=delay_s).wire()["delay_ms"]
+    delay_ms = done_wire(Done(JOB, "retry", delay_s=delay_s))["delay_ms"]
     assert isinstance(delay_ms, int)
     assert delay_ms <= delay_s * 1000 < delay_ms + 1.000001
 
 
 def test_done_wire_is_json_serialisable() -> None:
-    """What wire() returns survives the JSON the script receives."""
+    """What done_wire returns survives the JSON the script receives."""
     done = Done(JOB, "retry", delay_s=1.5, error='quote " and \\ backslash', attempts=2)
-    assert json.loads(json.dumps(done.wire())) == done.wire()
+    assert json.loads(json.dumps(done_wire(done))) == done_wire(done)
 
 
 # -- retry_delay_s -------------------------------------------------------------------------------------------

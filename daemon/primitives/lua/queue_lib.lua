@@ -42,7 +42,7 @@ local function q_fields(entry)
 end
 
 -- Why an old-layout entry is not a job, or nil when it is one; the same rules, in the same order, as the
--- reader's jobs.parse_entry, so an entry fares the same whichever path takes it.
+-- reader's queue_wire.parse_entry, so an entry fares the same whichever path takes it.
 local function q_not_a_job(f)
     if f.term == nil or f.term == '' or f.class_nbr == nil or f.class_nbr == '' then
         return 'malformed entry: no term or class_nbr'
@@ -65,7 +65,7 @@ local function q_not_a_job(f)
     return nil
 end
 
--- Why one section of a batch is not a job, or nil (jobs.parse_batch has the same rules).
+-- Why one section of a batch is not a job, or nil (queue_wire.parse_stream_entry has the same rules).
 local function q_bad_section(s)
     if type(s) ~= 'table' or type(s[1]) ~= 'string' or type(s[2]) ~= 'string' or type(s[3]) ~= 'number' then
         return 'malformed section: not [term, class_nbr, attempts]'
