@@ -115,7 +115,8 @@ class Consumer:
         self.idle_maintenance_s = idle_maintenance_s
         self.busy_maintenance_s = max(1.0, queue.visibility_timeout_s / 2)
         self.settle_linger_s = settle_linger_s
-        # A finished job is acknowledged well before anyone could take it over as unacknowledged.
+        # A finished entry waits at most this long for the reader's next call to carry its settlement (the
+        # heartbeat, not this, keeps it from being taken over meanwhile).
         self.max_unsettled_s = queue.visibility_timeout_s / 3
         self.clock = clock
         self.progress = progress
@@ -415,7 +416,7 @@ class Consumer:
         self._running -= 1
         self.state.running = self._running
         self._capacity.set()
-        self.settlement.add(done, read_at=ticket.read_at, outcome=outcome)
+        self.settlement.add(done, outcome=outcome)
         if self._stopping is None or not self._stopping.is_set():
             self._feed()
 

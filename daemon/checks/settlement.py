@@ -119,10 +119,9 @@ class Settlement:
         else:
             entry.expected += sections
 
-    def add(self, done: Done, *, read_at: float | None = None, outcome: tuple[str, str] | None = None) -> None:
+    def add(self, done: Done, *, outcome: tuple[str, str] | None = None) -> None:
         """Buffer a settled section (and its breaker outcome). Its entry is ready once every section is in;
         a failure or a trial's outcome is due at once."""
-        del read_at  # an entry's deadline counts from when it is ready; the heartbeat covers the time before
         entry = self._open.get(done.job.entry_id)
         if entry is None:
             self._ready([done])
