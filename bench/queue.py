@@ -45,18 +45,21 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.checks.consumer import Consumer, Ticket
+from daemon.checks.consumer import Consumer
 from daemon.commands.embedded import RedisServer
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import FREE_COMMANDS, RedisClients
 from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import SCRIPTS, Scripts, source
+
+if TYPE_CHECKING:
+    from daemon.checks.pipeline import Ticket
 
 THIS = Path(__file__).resolve()
 ROOT = THIS.parents[1]

@@ -38,7 +38,7 @@ from daemon.adaptive.figures import CHECKS_PER_CALL, PURPOSE, AdaptiveKeys, Figu
 from daemon.adaptive.limit import AdaptiveLimit, FixedLimit, capacity_per_s
 from daemon.adaptive.replanner import Replanner
 from daemon.backoff import Backoff, Outage
-from daemon.checks.consumer import Ticket
+from daemon.checks.pipeline import Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError, StoreUnavailable, error_name
 from daemon.jobs import Job
 from daemon.primitives.clients import REDIS_ERRORS

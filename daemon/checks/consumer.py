@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from daemon.backoff import Backoff, Outage, retry_delay_s
+from daemon.checks.pipeline import Ticket
 from daemon.checks.settlement import Settlement
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Done, Job, Malformed
@@ -38,29 +39,11 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-    from daemon.primitives.breaker import BreakerState, OutcomeKind
+    from daemon.primitives.breaker import BreakerState
     from daemon.primitives.queue import CycleResult, Queue, QueueStats
     from daemon.telemetry import Progress
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Ticket:
-    """What a handler gets: the job, and where to say how the breaker-guarded call went."""
-
-    job: Job
-    trial: str = ""
-    breaker: OutcomeKind = "n"
-    read_at: float = 0.0  # when the reader got it (its idle time in Redis counts from about then)
-
-    def success(self) -> None:
-        """The breaker-guarded call succeeded."""
-        self.breaker = "s"
-
-    def failure(self) -> None:
-        """The breaker-guarded call failed (the upstream's fault)."""
-        self.breaker = "f"
 
 
 class Handler(Protocol):

@@ -34,7 +34,8 @@ from daemon.store import db
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from daemon.checks.consumer import Ticket
+    from daemon.jobs import Job
+    from daemon.primitives.breaker import OutcomeKind
     from daemon.store.pool import Connection, Pool
     from daemon.telemetry import Metrics
     from daemon.upstream.render import Renderer
@@ -44,6 +45,25 @@ logger = logging.getLogger(__name__)
 
 DB_OUTAGE_DEFER_S = 30.0
 DRIFT_LOG_INTERVAL_S = 3600.0
+
+
+@dataclass
+class Ticket:
+    """What the check gets (from the consumer or the adaptive taker): the job, and where to say how the
+    breaker-guarded call went."""
+
+    job: Job
+    trial: str = ""
+    breaker: OutcomeKind = "n"
+    read_at: float = 0.0  # when the reader got it (its idle time in Redis counts from about then)
+
+    def success(self) -> None:
+        """The breaker-guarded call succeeded."""
+        self.breaker = "s"
+
+    def failure(self) -> None:
+        """The breaker-guarded call failed (the upstream's fault)."""
+        self.breaker = "f"
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Final
 import httpx
 import pytest
 
-from daemon.checks.consumer import Ticket
 from daemon.checks.outbox import OutboxSender
-from daemon.checks.pipeline import Pipeline
+from daemon.checks.pipeline import Pipeline, Ticket
 from daemon.jobs import Job
 from daemon.runtime.metrics import Metrics
 from daemon.store import db

@@ -10,9 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from daemon.checks.consumer import Ticket
 from daemon.checks.outbox import OutboxSender
-from daemon.checks.pipeline import Pipeline
+from daemon.checks.pipeline import Pipeline, Ticket
 from daemon.errors import DeferJob, PermanentJobError, RetryableJobError
 from daemon.jobs import Job
 from daemon.runtime.metrics import Metrics

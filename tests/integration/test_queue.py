@@ -28,7 +28,7 @@ from tests.support.wait import eventually
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from daemon.checks.consumer import Ticket
+    from daemon.checks.pipeline import Ticket
     from daemon.keys import Keys
     from daemon.primitives.clients import RedisClients
     from daemon.primitives.scripts import Scripts

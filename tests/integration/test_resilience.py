@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from daemon.checks.consumer import Consumer, Ticket
+from daemon.checks.consumer import Consumer
 from daemon.checks.outbox import OutboxSender
 from daemon.checks.settlement import _Unsent
 from daemon.cron.scheduler import Scheduler, enqueue_under
@@ -31,6 +31,7 @@ from tests.support.wait import eventually
 if TYPE_CHECKING:
     import asyncpg
 
+    from daemon.checks.pipeline import Ticket
     from daemon.keys import Keys
     from daemon.primitives.scripts import Scripts
 

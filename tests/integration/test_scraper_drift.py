@@ -21,8 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.checks.consumer import Ticket
-from daemon.checks.pipeline import Pipeline
+from daemon.checks.pipeline import Pipeline, Ticket
 from daemon.errors import RetryableJobError
 from daemon.jobs import Job
 from daemon.runtime.metrics import Metrics

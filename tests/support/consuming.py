@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from daemon.checks.consumer import Consumer, Handler, Ticket
+from daemon.checks.consumer import Consumer, Handler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     import redis.asyncio as aioredis
 
+    from daemon.checks.pipeline import Ticket
     from daemon.keys import Keys
     from daemon.primitives.queue import Queue
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import redis.asyncio as aioredis
 
-from daemon.checks.consumer import Consumer, Ticket
+from daemon.checks.consumer import Consumer
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import RedisClients
@@ -31,6 +31,8 @@ from daemon.primitives.scripts import Scripts
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+    from daemon.checks.pipeline import Ticket
 
 
 def record(ticket: Ticket, consumer: str) -> str:
