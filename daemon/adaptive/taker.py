@@ -168,7 +168,7 @@ class Taker:
                 await self._flush_again()
                 if self._outcomes:
                     await self._take([])
-            except (StoreUnavailable, *REDIS_ERRORS) as exc:
+            except REDIS_ERRORS as exc:  # StoreUnavailable is one of them
                 logger.warning("adaptive: could not record the last outcomes (%s)", error_name(exc))
         if self.progress is not None:
             self.progress.done("planner")
@@ -201,7 +201,7 @@ class Taker:
                     if self._outcomes:
                         await self._take([])
                     wait_s = IDLE_WAIT_S
-            except (StoreUnavailable, *REDIS_ERRORS) as exc:
+            except REDIS_ERRORS as exc:  # StoreUnavailable is one of them
                 await backoff.wait(error_name(exc), stopping)
                 continue
             backoff.succeeded()

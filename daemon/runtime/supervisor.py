@@ -295,7 +295,7 @@ class Daemon:
         if self._work_scope.cancelled_caught:
             logger.warning("shutdown grace ran out; unfinished jobs were returned to the queue")
         with anyio.move_on_after(5, shield=True):
-            with contextlib.suppress(StoreUnavailable, *REDIS_ERRORS):
+            with contextlib.suppress(*REDIS_ERRORS):  # StoreUnavailable is one of them
                 await parts.ledger.flush()
 
     def _status_line(self) -> str:
