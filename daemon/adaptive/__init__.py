@@ -7,6 +7,6 @@
 * ``plan`` and ``limit``: pure logic, the intervals within the budgets and the auto concurrency limit;
 * ``gate``: the in-flight gate in front of the scraper; ``figures``: timing, keys and what health reads.
 
-Nothing here imports the cron mode (``scheduler``), and the cron mode imports nothing from here but the gate
-and the limit, through the wiring.
+Nothing here imports the cron mode (``daemon.cron``), and the cron mode imports nothing from here; the wiring
+shares the gate and the limit with the cron mode's checks.
 """
