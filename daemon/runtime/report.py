@@ -10,18 +10,57 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from daemon.version import version
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import anyio
+
+    from daemon.adaptive.taker import Taker
+    from daemon.checks.consumer import Consumer
+    from daemon.checks.outbox import OutboxSender
+    from daemon.cron.scheduler import Scheduler
     from daemon.primitives.breaker import BreakerState
     from daemon.primitives.queue import QueueStats
-    from daemon.runtime.supervisor import Daemon
+    from daemon.runtime.monitor import Monitor
+    from daemon.runtime.schedule import CronWatch
+    from daemon.runtime.wiring import Parts
+    from daemon.settings.config import Settings
 
 STATUS_CODES: Final = {"healthy": 200, "degraded": 503, "unhealthy": 500}
+
+
+class Running(Protocol):
+    """What these functions read of the running daemon (``runtime.supervisor.Daemon`` is one); read-only, so
+    the report imports no supervisor."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def monitor(self) -> Monitor: ...
+    @property
+    def parts(self) -> Parts: ...
+    @property
+    def consumer(self) -> Consumer | None: ...
+    @property
+    def scheduler(self) -> Scheduler | None: ...
+    @property
+    def outbox(self) -> OutboxSender | None: ...
+    @property
+    def taker(self) -> Taker | None: ...
+    @property
+    def cron_watch(self) -> CronWatch | None: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def starting(self) -> str: ...
+    @property
+    def stopping(self) -> anyio.Event: ...
+    @property
+    def ready(self) -> bool: ...
 
 
 def iso(epoch_s: float | None) -> str | None:
@@ -147,7 +186,7 @@ def overall(checks: dict[str, dict[str, Any]]) -> str:
     return "healthy"
 
 
-def health(daemon: Daemon) -> HealthReport:
+def health(daemon: Running) -> HealthReport:
     """The daemon's health, from what it last saw (no Redis command)."""
     now = time.monotonic()
     settings, monitor = daemon.settings, daemon.monitor
@@ -244,7 +283,7 @@ def email_quota_view(
     }
 
 
-def schedule_check(daemon: Daemon) -> dict[str, Any]:
+def schedule_check(daemon: Running) -> dict[str, Any]:
     """SPEC §11's ``schedule`` check: adaptive figures, or cron's falling-behind report (from memory)."""
     if daemon.taker is not None:
         return daemon.taker.check()
@@ -253,7 +292,7 @@ def schedule_check(daemon: Daemon) -> dict[str, Any]:
     return {"status": "healthy", "mode": daemon.settings.schedule}
 
 
-def _lock_seen(daemon: Daemon) -> dict[str, Any]:
+def _lock_seen(daemon: Running) -> dict[str, Any]:
     """The lock as this daemon last saw it: held by its own tick, or by another holder that refused it."""
     sched = daemon.scheduler
     held = sched.holding if sched else None
@@ -269,7 +308,7 @@ def _lock_seen(daemon: Daemon) -> dict[str, Any]:
 # -- systemd STATUS= and /metrics ---------------------------------------------------------------------------
 
 
-def status_line(daemon: Daemon) -> str:
+def status_line(daemon: Running) -> str:
     """The one-line summary systemd shows (``STATUS=``)."""
     state = daemon.consumer.state if daemon.consumer else None
     stats = state.stats if state else None
@@ -290,7 +329,7 @@ def status_line(daemon: Daemon) -> str:
     return "; ".join(parts)
 
 
-def health_email_quota(daemon: Daemon) -> dict[str, Any]:
+def health_email_quota(daemon: Running) -> dict[str, Any]:
     """``email_quota_view`` as this daemon sees it (its sender's pause, the monitor's counts)."""
     settings, outbox = daemon.settings, daemon.outbox
     resend = settings.email_transport == "resend"
@@ -304,7 +343,7 @@ def health_email_quota(daemon: Daemon) -> dict[str, Any]:
     )
 
 
-def metrics_exposition(daemon: Daemon) -> bytes:
+def metrics_exposition(daemon: Running) -> bytes:
     """``/metrics``: the Prometheus text, refreshed from the same state health reads."""
     state = daemon.consumer.state if daemon.consumer else None
     now = time.monotonic()
