@@ -23,32 +23,27 @@ import asyncpg
 import httpx
 import redis.exceptions
 
-from daemon.adaptive.gate import Gate, MeteredScraper
-from daemon.adaptive.taker import Taker, make_limit
 from daemon.backoff import Backoff
-from daemon.checks.consumer import Consumer
-from daemon.checks.outbox import OutboxSender
-from daemon.checks.pipeline import Pipeline
 from daemon.checks.pruner import Pruner
-from daemon.cron.scheduler import Scheduler
 from daemon.errors import Exit, FatalStartError, StoreUnavailable, error_name
-from daemon.primitives.breaker import BreakerConfig
 from daemon.primitives.clients import REDIS_ERRORS
 from daemon.runtime import report
 from daemon.runtime.health import HealthServer
 from daemon.runtime.monitor import Monitor
-from daemon.runtime.schedule import CronWatch
 from daemon.runtime.systemd import Notifier, Progress
-from daemon.runtime.wiring import build_parts, make_transport
+from daemon.runtime.wiring import build_parts, build_work
 from daemon.store.migrations import migrate
 from daemon.store.pool import DAEMON_POOL_SIZE, create_pool, dsn_warnings
-from daemon.upstream.render import Renderer
-from daemon.upstream.scraper import Scraper
 from daemon.version import version
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from daemon.adaptive.taker import Taker
+    from daemon.checks.consumer import Consumer
+    from daemon.checks.outbox import OutboxSender
+    from daemon.cron.scheduler import Scheduler
+    from daemon.runtime.schedule import CronWatch
     from daemon.settings.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -210,58 +205,18 @@ class Daemon:
             )
         )
         stack.push_async_callback(http.aclose)
-        resend = settings.email_transport == "resend"  # the quotas are Resend's
-        self.outbox = OutboxSender(
+        built = build_work(
+            settings,
+            parts,
             pool,
-            make_transport(settings, http),
-            parts.metrics,
-            owner=settings.consumer,
-            progress=self.progress,
-            quota_per_day=settings.email_quota_per_day if resend else 0,
-            quota_per_month=settings.email_quota_per_month if resend else 0,
-        )
-        renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
-        scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
-        limit = make_limit(settings)
-        gate = Gate(limit)
-        adaptive = settings.schedule == "adaptive"
-        # Adaptive checking holds the gate itself; the queue consumers wait for it inside the scraper call.
-        metered = MeteredScraper(scraper, limit, None if adaptive else gate)
-        pipeline = Pipeline(pool, metered, renderer, parts.metrics, on_emails=self.outbox.wake)
-        self.consumer = Consumer(
-            parts.queue,
-            pipeline,
-            concurrency=settings.concurrency,
+            http,
+            self.progress,
             retry_base_s=self.retry_base_s,
             idle_block_s=self.idle_block_s,
             idle_maintenance_s=self.idle_maintenance_s,
-            progress=self.progress,
         )
-        self.scheduler = Scheduler(
-            cron=settings.cron,
-            tz=settings.tz,
-            stagger=settings.stagger,
-            grace_s=settings.misfire_grace_s,
-            lock=parts.lock,
-            queue=parts.queue,
-            pool=pool,
-            metrics=parts.metrics,
-            progress=self.progress,
-        )
-        if adaptive:
-            self.taker = Taker(
-                settings=settings,
-                clients=parts.clients,
-                keys=parts.keys,
-                scripts=parts.scripts,
-                breaker=BreakerConfig.from_settings(settings),
-                pool=pool,
-                pipeline=pipeline,
-                gate=gate,
-                progress=self.progress,
-            )
-        else:
-            self.cron_watch = CronWatch(self.scheduler)
+        self.outbox, self.consumer, self.scheduler = built.outbox, built.consumer, built.scheduler
+        self.taker, self.cron_watch = built.taker, built.cron_watch
         await self.monitor.probe(pool)
         logger.info("configuration: %s", settings.summary())
         self.notifier.ready(report.status_line(self))

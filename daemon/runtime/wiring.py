@@ -1,4 +1,5 @@
-"""Wiring: every part built from the settings; shared by the daemon, the admin commands and the demo."""
+"""Wiring: every part built from the settings (shared by the daemon, the admin commands and the demo), and
+the daemon's work loops built from them (``build_work``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from daemon.adaptive.gate import Gate, MeteredScraper
+from daemon.adaptive.taker import Taker, make_limit
+from daemon.checks.consumer import Consumer
+from daemon.checks.outbox import OutboxSender
+from daemon.checks.pipeline import Pipeline
+from daemon.cron.scheduler import Scheduler
 from daemon.keys import Keys
 from daemon.primitives.breaker import BreakerConfig, CircuitBreaker
 from daemon.primitives.clients import RedisClients
@@ -14,13 +21,18 @@ from daemon.primitives.queue import Queue
 from daemon.primitives.scripts import Scripts
 from daemon.primitives.usage import UsageLedger
 from daemon.runtime.metrics import Metrics
+from daemon.runtime.schedule import CronWatch
 from daemon.upstream.files import FileTransport
+from daemon.upstream.render import Renderer
 from daemon.upstream.resend import ResendTransport
+from daemon.upstream.scraper import Scraper
 
 if TYPE_CHECKING:
     import httpx
 
+    from daemon.runtime.systemd import Progress
     from daemon.settings.config import Settings
+    from daemon.store.pool import Pool
     from daemon.upstream.resend import Transport
 
 
@@ -65,6 +77,85 @@ def build_parts(settings: Settings) -> Parts:
         ledger=UsageLedger(clients, keys, scripts, time.time),
         metrics=Metrics(),
     )
+
+
+@dataclass
+class Work:
+    """The work loops of one daemon, built from the settings and the parts (the supervisor runs them)."""
+
+    outbox: OutboxSender
+    consumer: Consumer
+    scheduler: Scheduler
+    taker: Taker | None  # SEATWATCH_SCHEDULE=adaptive
+    cron_watch: CronWatch | None  # cron mode
+
+
+def build_work(
+    settings: Settings,
+    parts: Parts,
+    pool: Pool,
+    http: httpx.AsyncClient,
+    progress: Progress,
+    *,
+    retry_base_s: float,
+    idle_block_s: float,
+    idle_maintenance_s: float,
+) -> Work:
+    """The scraper, the gate, the pipeline and every work loop, wired; nothing runs until the supervisor starts them."""
+    resend = settings.email_transport == "resend"  # the quotas are Resend's
+    outbox = OutboxSender(
+        pool,
+        make_transport(settings, http),
+        parts.metrics,
+        owner=settings.consumer,
+        progress=progress,
+        quota_per_day=settings.email_quota_per_day if resend else 0,
+        quota_per_month=settings.email_quota_per_month if resend else 0,
+    )
+    renderer = Renderer(settings.site_url, settings.from_email, settings.unsubscribe_key.reveal())
+    scraper = Scraper(http, settings.scraper_url, settings.scraper_token.reveal(), settings.scraper_timeout_s)
+    limit = make_limit(settings)
+    gate = Gate(limit)
+    adaptive = settings.schedule == "adaptive"
+    # Adaptive checking holds the gate itself; the queue consumers wait for it inside the scraper call.
+    metered = MeteredScraper(scraper, limit, None if adaptive else gate)
+    pipeline = Pipeline(pool, metered, renderer, parts.metrics, on_emails=outbox.wake)
+    consumer = Consumer(
+        parts.queue,
+        pipeline,
+        concurrency=settings.concurrency,
+        retry_base_s=retry_base_s,
+        idle_block_s=idle_block_s,
+        idle_maintenance_s=idle_maintenance_s,
+        progress=progress,
+    )
+    scheduler = Scheduler(
+        cron=settings.cron,
+        tz=settings.tz,
+        stagger=settings.stagger,
+        grace_s=settings.misfire_grace_s,
+        lock=parts.lock,
+        queue=parts.queue,
+        pool=pool,
+        metrics=parts.metrics,
+        progress=progress,
+    )
+    taker, cron_watch = None, None
+    if adaptive:
+        taker = Taker(
+            settings=settings,
+            clients=parts.clients,
+            keys=parts.keys,
+            scripts=parts.scripts,
+            breaker=BreakerConfig.from_settings(settings),
+            pool=pool,
+            pipeline=pipeline,
+            gate=gate,
+            progress=progress,
+        )
+    else:
+        cron_watch = CronWatch(scheduler)
+    return Work(outbox, consumer, scheduler, taker, cron_watch)
 
 
 def make_transport(settings: Settings, http: httpx.AsyncClient) -> Transport:
